@@ -1,0 +1,294 @@
+"""Asynchronous, crash-safe checkpoints of a whole run, behind a small interface.
+
+A run's state is two parts:
+  arrays: a pytree of jax/numpy arrays (global and per-worker params, optimizer
+          states, RNG keys, DN buffers ...), possibly spread over several islands;
+  meta:   a JSON-able dict (data iterator positions, step counters, async
+          bookkeeping, virtual-clock time, metrics history, config).
+
+`Checkpointer.save` costs the training loop only the dispatch of an on-device
+snapshot (one jitted copy per device set): the device-to-host copy and the
+Orbax write run on a background thread, so the caller may donate `arrays` to
+its next step at once. One save is in flight at a time; a save requested while
+the previous one is still writing waits for it (that wait is counted in
+`blocking_s`, which launch/bench_checkpoint.py reports).
+
+Orbax writes each step into a temporary directory and renames it when complete,
+so a save killed mid-write never appears as a step. A step whose files are
+truncated or corrupted fails to restore: it is skipped with a message naming
+it, and the previous complete step is used.
+
+Only this module imports Orbax, so its V1 API can replace the V0 manager here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
+import signal
+import threading
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class SavePolicy:
+  """When to save and what to keep.
+
+  every_steps: save when step % every_steps == 0 (0: never by steps).
+  every_secs: save when this many seconds passed since the last save (0: never by time).
+  keep: keep the latest `keep` checkpoints ...
+  keep_every: ... plus every step that is a multiple of `keep_every` (0: none).
+  async_save: write on a background thread (False: save() returns when written).
+  """
+  every_steps: int = 0
+  every_secs: float = 0.0
+  keep: int = 3
+  keep_every: int = 0
+  async_save: bool = True
+
+  def __post_init__(self):
+    for name in ("every_steps", "keep_every"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"checkpoint.{name} must be >= 0, got {getattr(self, name)}")
+    if self.every_secs < 0:
+      raise ValueError(f"checkpoint.every_secs must be >= 0, got {self.every_secs}")
+    if self.keep < 1:
+      raise ValueError(f"checkpoint.keep must be >= 1, got {self.keep}")
+
+  @classmethod
+  def from_config(cls, cfg) -> "SavePolicy":
+    """Builds the policy from a `checkpoint` config section (dict or ConfigDict)."""
+    cfg = dict(cfg)
+    allowed = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(cfg) - allowed - {"enabled", "allow_config_change"})
+    if unknown:
+      raise ValueError(f"unknown checkpoint field(s) {unknown}; allowed: {sorted(allowed)}")
+    return cls(**{k: v for k, v in cfg.items() if k in allowed})
+
+
+class CheckpointError(RuntimeError):
+  pass
+
+
+def _snapshot(arrays):
+  """Copies every jax.Array on its own devices (async dispatch), numpy on host.
+
+  Leaves are grouped by device set so that one jitted copy runs per island.
+  """
+  leaves, treedef = jax.tree.flatten(arrays)
+  out = list(leaves)
+  groups: dict[tuple, list[int]] = {}
+  for i, x in enumerate(leaves):
+    if isinstance(x, jax.Array):
+      key = tuple(sorted(d.id for d in x.sharding.device_set))
+      groups.setdefault(key, []).append(i)
+    else:
+      out[i] = np.array(x, copy=True)
+  for idx in groups.values():
+    copies = _copy_tree([leaves[i] for i in idx])
+    for i, c in zip(idx, copies):
+      out[i] = c
+  return jax.tree.unflatten(treedef, out)
+
+
+@jax.jit
+def _copy_tree(xs):
+  return [jnp.copy(x) for x in xs]
+
+
+def _abstract(x):
+  if isinstance(x, jax.ShapeDtypeStruct):
+    return x
+  if isinstance(x, jax.Array):
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+  x = np.asarray(x)
+  return jax.ShapeDtypeStruct(x.shape, x.dtype)
+
+
+class Checkpointer:
+  """Saves and restores (arrays, meta) under `directory` with a SavePolicy."""
+
+  def __init__(self, directory: str | pathlib.Path, policy: SavePolicy = SavePolicy()):
+    self.directory = pathlib.Path(directory).absolute()
+    self.policy = policy
+    self.directory.mkdir(parents=True, exist_ok=True)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=policy.keep,
+        keep_period=policy.keep_every or None,
+        enable_async_checkpointing=False,  # our own thread is the async part
+        cleanup_tmp_directories=True,
+        create=True)
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options, item_names=("arrays", "meta"))
+    self._thread: threading.Thread | None = None
+    self._error: BaseException | None = None
+    self._last_save_time = time.monotonic()
+    self._last_saved_step: int | None = self.latest_step()
+    self.blocking_s: list[float] = []  # time save() held the caller, per save
+    self.preempted = False
+    self._old_handlers: dict[int, Any] = {}
+
+  # -- policy --------------------------------------------------------------
+
+  def should_save(self, step: int) -> bool:
+    if step == self._last_saved_step:
+      return False
+    p = self.policy
+    if p.every_steps and step % p.every_steps == 0:
+      return True
+    return bool(p.every_secs) and time.monotonic() - self._last_save_time >= p.every_secs
+
+  # -- save ----------------------------------------------------------------
+
+  def save(self, step: int, arrays, meta: dict | None = None) -> None:
+    """Saves (arrays, meta) as `step`; returns once the caller may reuse `arrays`."""
+    t0 = time.perf_counter()
+    self._join()
+    meta = json.loads(json.dumps(meta or {}))  # a private, JSON-able copy, checked now
+    snap = _snapshot(arrays)
+    self._last_save_time = time.monotonic()
+    self._last_saved_step = step
+    if self.policy.async_save:
+      self._thread = threading.Thread(
+          target=self._write, args=(step, snap, meta), name=f"checkpoint-{step}", daemon=True)
+      self._thread.start()
+      self.blocking_s.append(time.perf_counter() - t0)
+    else:
+      self._write(step, snap, meta)
+      self.blocking_s.append(time.perf_counter() - t0)
+      self._raise_pending()
+
+  def _write(self, step, snap, meta):
+    try:
+      self._manager.save(
+          step,
+          args=ocp.args.Composite(
+              arrays=ocp.args.StandardSave(snap), meta=ocp.args.JsonSave(meta)),
+          force=True)
+      self._manager.wait_until_finished()
+    except BaseException as e:  # reported on the caller's thread at the next call
+      self._error = e
+
+  def _join(self):
+    if self._thread is not None:
+      self._thread.join()
+      self._thread = None
+    self._raise_pending()
+
+  def _raise_pending(self):
+    if self._error is not None:
+      e, self._error = self._error, None
+      raise CheckpointError(f"saving a checkpoint under {self.directory} failed: {e}") from e
+
+  def wait_until_finished(self) -> None:
+    self._join()
+
+  # -- restore -------------------------------------------------------------
+
+  def all_steps(self) -> list[int]:
+    self._manager.reload()
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    steps = self.all_steps()
+    return steps[-1] if steps else None
+
+  def restore(self, like, step: int | None = None):
+    """Restores the latest readable step (or `step`) onto the shardings of `like`.
+
+    `like` is a pytree of arrays or jax.ShapeDtypeStruct (with `sharding` set to
+    restore onto another device layout). Returns (step, arrays, meta), or None
+    when the directory holds no checkpoint. Unreadable steps are skipped with a
+    warning naming them; if every step is unreadable, raises CheckpointError.
+    """
+    self._join()
+    steps = [step] if step is not None else self.all_steps()[::-1]
+    if not steps:
+      return None
+    abstract = jax.tree.map(_abstract, like)
+    failures = []
+    for s in steps:
+      try:
+        out = self._manager.restore(
+            s, args=ocp.args.Composite(
+                arrays=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        arrays = out["arrays"]
+        jax.tree.map(lambda a: a.block_until_ready() if isinstance(a, jax.Array) else a, arrays)
+        return s, arrays, dict(out["meta"] or {})
+      except Exception as e:  # truncated/corrupted files, missing items, shape mismatch
+        path = self.directory / str(s)
+        msg = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        log.warning("checkpoint %s is unreadable (%s); skipping it", path, msg)
+        print(f"[checkpoint] skipping unreadable checkpoint {path}: {msg}", flush=True)
+        failures.append(f"{path}: {msg}")
+    raise CheckpointError(
+        "no readable checkpoint; tried:\n  " + "\n  ".join(failures) +
+        "\nDelete the broken step directories (or the workdir) to start over.")
+
+  # -- preemption ----------------------------------------------------------
+
+  def install_preemption_handler(self) -> None:
+    """On SIGTERM/SIGINT, sets `self.preempted` so the loop saves and exits.
+
+    A second signal restores the previous handler's behaviour (e.g. Ctrl-C twice).
+    """
+    def handler(signum, frame):
+      if self.preempted:
+        old = self._old_handlers.get(signum, signal.SIG_DFL)
+        signal.signal(signum, old)
+        signal.raise_signal(signum)
+        return
+      print(f"[checkpoint] received signal {signum}: saving and stopping", flush=True)
+      self.preempted = True
+
+    if threading.current_thread() is not threading.main_thread():
+      return
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._old_handlers[sig] = signal.signal(sig, handler)
+
+  def close(self) -> None:
+    try:
+      self._join()
+    finally:
+      for sig, old in self._old_handlers.items():
+        signal.signal(sig, old)
+      self._old_handlers.clear()
+      self._manager.close()
+
+
+def check_config_compatible(saved: dict, current: dict, *, allow: bool,
+                            ignore: tuple[str, ...] = ()) -> list[str]:
+  """Compares two flattened-able config dicts; raises on differences unless `allow`.
+
+  Returns the dotted names of differing fields. `ignore` lists dotted prefixes
+  that may change on resume (e.g. "train.steps" to extend a run).
+  """
+  def flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+      key = f"{prefix}{k}"
+      if isinstance(v, dict):
+        out.update(flat(v, key + "."))
+      else:
+        out[key] = json.dumps(v, sort_keys=True, default=str)
+    return out
+
+  a, b = flat(saved), flat(current)
+  diff = sorted(k for k in set(a) | set(b)
+                if a.get(k) != b.get(k) and not any(k.startswith(p) for p in ignore))
+  if diff and not allow:
+    details = "; ".join(f"{k}: saved {a.get(k, '<absent>')} vs now {b.get(k, '<absent>')}"
+                        for k in diff[:10])
+    raise ValueError(
+        f"the workdir holds a run with a different config ({details}); "
+        "use a new --workdir, or set --config.checkpoint.allow_config_change=True to resume anyway")
+  return diff
