@@ -1,0 +1,133 @@
+"""Checkpoint benchmark: how long a save blocks the training loop, and its cost in steps/s.
+
+    python launch/bench_checkpoint.py --gib=2 --out=/tmp/ckpt.json       # on a GPU
+    python launch/bench_checkpoint.py --gib=0.25 --steps=200             # on a CPU
+
+Measured in one run on the same state (f32 leaves totalling --gib):
+  sync_blocking_s          Checkpointer(async_save=False).save: the whole write
+  async_blocking_s         Checkpointer(async_save=True).save: the caller's share only
+  orbax_async_blocking_s   the peer: Orbax's own async CheckpointManager.save
+  steps_per_s_{plain,ckpt} a donated jitted step, without / with a save every --every steps
+Prints one JSON object; the goals are async/sync <= 0.10 and ckpt/plain >= 0.95.
+"""
+import json
+import statistics
+import tempfile
+import time
+
+from absl import app, flags, logging
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+from pathways_lite.checkpoint import Checkpointer, SavePolicy
+
+flags.DEFINE_float("gib", 0.25, "state size in GiB (f32)")
+flags.DEFINE_integer("leaves", 64, "number of arrays in the state")
+flags.DEFINE_integer("steps", 200, "training steps timed per variant")
+flags.DEFINE_integer("every", 50, "save every this many steps in the with-checkpoint run")
+flags.DEFINE_integer("matmul", 2048, "size of the matmuls that give the step its compute")
+flags.DEFINE_integer("matmuls_per_step", 8, "matmuls per step")
+flags.DEFINE_integer("repeats", 3, "saves timed per variant (median reported)")
+flags.DEFINE_string("out", "", "also write the JSON here")
+FLAGS = flags.FLAGS
+
+
+def make_state(gib, leaves):
+  per = int(gib * 2**30 / 4 / leaves)
+  keys = jax.random.split(jax.random.key(0), leaves)
+  return {f"w{i:03d}": jax.random.normal(k, (per,), jnp.float32) for i, k in enumerate(keys)}
+
+
+def make_step(n, reps):
+  def step(state, x):
+    y = x
+    for _ in range(reps):
+      y = jnp.tanh(y @ x)
+    scale = 1.0 + 1e-6 * jnp.mean(y)
+    return jax.tree.map(lambda w: w * scale, state), y
+  return jax.jit(step, donate_argnums=0)
+
+
+def time_saves(make_saver, state, repeats):
+  times = []
+  for r in range(repeats):
+    with tempfile.TemporaryDirectory() as d:
+      save, finish = make_saver(d)
+      jax.block_until_ready(state)
+      t0 = time.perf_counter()
+      save(r + 1, state)
+      times.append(time.perf_counter() - t0)
+      finish()
+  return statistics.median(times)
+
+
+def ours(async_save):
+  def make(d):
+    ck = Checkpointer(d, SavePolicy(every_steps=1, async_save=async_save))
+    return (lambda s, st: ck.save(s, st, {"step": s})), ck.close
+  return make
+
+
+def orbax_async(d):
+  mngr = ocp.CheckpointManager(d, options=ocp.CheckpointManagerOptions(
+      enable_async_checkpointing=True))
+  def save(s, st):
+    mngr.save(s, args=ocp.args.StandardSave(st))
+  def finish():
+    mngr.wait_until_finished()
+    mngr.close()
+  return save, finish
+
+
+def steps_per_s(state, x, step_fn, steps, ck=None, every=0):
+  state, y = step_fn(state, x)  # compile
+  jax.block_until_ready((state, y))
+  t0 = time.perf_counter()
+  for i in range(1, steps + 1):
+    state, y = step_fn(state, x)
+    if ck is not None and i % every == 0:
+      ck.save(i, state, {"step": i})
+  jax.block_until_ready((state, y))
+  elapsed = time.perf_counter() - t0
+  if ck is not None:
+    ck.wait_until_finished()
+  return steps / elapsed, state
+
+
+def main(_):
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+  dev = jax.devices()[0]
+  state = make_state(FLAGS.gib, FLAGS.leaves)
+  x = jax.random.normal(jax.random.key(1), (FLAGS.matmul, FLAGS.matmul), jnp.float32) / FLAGS.matmul**0.5
+  # Warm the snapshot's jitted copy and Orbax's code paths once.
+  time_saves(ours(True), state, 1)
+  sync_s = time_saves(ours(False), state, FLAGS.repeats)
+  async_s = time_saves(ours(True), state, FLAGS.repeats)
+  orbax_s = time_saves(orbax_async, state, FLAGS.repeats)
+  step_fn = make_step(FLAGS.matmul, FLAGS.matmuls_per_step)
+  plain, state = steps_per_s(state, x, step_fn, FLAGS.steps)
+  with tempfile.TemporaryDirectory() as d:
+    ck = Checkpointer(d, SavePolicy(every_steps=FLAGS.every, keep=2))
+    with_ck, state = steps_per_s(state, x, step_fn, FLAGS.steps, ck, FLAGS.every)
+    ck.close()
+  result = {
+      "bench": "checkpoint", "device": dev.device_kind, "platform": dev.platform,
+      "jax": jax.__version__, "orbax": ocp.__version__ if hasattr(ocp, "__version__") else "",
+      "state_gib": FLAGS.gib, "leaves": FLAGS.leaves,
+      "sync_blocking_s": sync_s, "async_blocking_s": async_s, "orbax_async_blocking_s": orbax_s,
+      "async_over_sync": async_s / sync_s, "orbax_async_over_sync": orbax_s / sync_s,
+      "steps": FLAGS.steps, "save_every": FLAGS.every,
+      "steps_per_s_plain": plain, "steps_per_s_ckpt": with_ck, "ckpt_over_plain": with_ck / plain,
+      "goals": {"async_over_sync<=0.10": async_s / sync_s <= 0.10,
+                "ckpt_over_plain>=0.95": with_ck / plain >= 0.95},
+  }
+  text = json.dumps(result, indent=1)
+  print(text)
+  if FLAGS.out:
+    with open(FLAGS.out, "w") as f:
+      f.write(text)
+
+
+if __name__ == "__main__":
+  app.run(main)
