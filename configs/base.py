@@ -1,0 +1,50 @@
+"""The full default config schema: every field a run may set, with its default.
+
+Every other config file starts from `get_config()` here and changes values;
+`pathways_lite.configuration.validate` rejects any field not defined here.
+Not meant to be run directly (it trains the default tiny model for 1000 steps).
+
+Sections: seed, name, model (models.config.ModelConfig fields), data, train,
+outer (the outer loop; "single" = one island, plain AdamW), runtime and
+checkpoint (placeholders, filled by the runtime and checkpoint modules).
+"""
+import ml_collections
+
+from models.config import ModelConfig
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.name = "base"
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict(ModelConfig().to_dict())
+
+  c.data = ml_collections.ConfigDict()
+  c.data.sources = ()        # file globs; () = the Python standard library's .py files
+  c.data.seq_len = 128       # tokens per training row (rows hold seq_len + 1)
+  c.data.batch_size = 8
+  c.data.val_fraction = 0.02  # share of documents held out for validation
+  c.data.split = "iid"       # how documents are shared among workers: iid | non_iid
+  c.data.cache_dir = ""      # "" = ~/.cache/pathways_lite
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 1000
+  c.train.lr = 3e-3
+  c.train.min_lr_ratio = 0.1  # cosine decays to lr * min_lr_ratio
+  c.train.warmup_steps = 50
+  c.train.weight_decay = 0.1
+  c.train.b1 = 0.9
+  c.train.b2 = 0.95
+  c.train.grad_clip = 1.0    # global-norm clip; 0 = off
+  c.train.eval_every = 200   # steps between evaluations (and one at the end); 0 = end only
+  c.train.eval_batches = 8
+  c.train.log_every = 10
+
+  c.outer = ml_collections.ConfigDict()
+  c.outer.algorithm = "single"
+  c.outer.num_workers = 1
+
+  c.runtime = ml_collections.ConfigDict()
+  c.checkpoint = ml_collections.ConfigDict()
+  return c

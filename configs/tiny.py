@@ -1,0 +1,33 @@
+"""Tiny byte-level LM on the Python standard library: the CPU smoke run.
+
+Command:
+  .venv/bin/python launch/train.py --config=configs/tiny.py --workdir=runs/tiny
+Expected time: 35-45 s on 2 shared CPU cores (~22k tokens/s; the first run also
+tokenizes the stdlib into ~/.cache/pathways_lite, under a second).
+Expected result: validation loss falls from ~5.3 nats/byte at step 0 (near
+uniform over 259 ids) to ~1.8 at step 300 (perplexity ~6); see
+runs/tiny/summary.txt and runs/tiny/loss_vs_step.png.
+"""
+import importlib.util
+import os
+
+
+def _base():
+  try:
+    from configs import base
+  except ImportError:  # loaded by file path with the repo root not on sys.path
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "base.py")
+    spec = importlib.util.spec_from_file_location("configs_base", path)
+    base = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(base)
+  return base
+
+
+def get_config():
+  c = _base().get_config()
+  c.name = "tiny"
+  c.model.update(d_model=128, num_layers=2, num_heads=4, num_kv_heads=4, max_seq_len=256)
+  c.data.update(seq_len=128, batch_size=16)
+  c.train.update(steps=300, lr=3e-3, warmup_steps=30, eval_every=50, eval_batches=8,
+                 log_every=10)
+  return c

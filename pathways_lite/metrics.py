@@ -1,0 +1,72 @@
+"""Run metrics: one JSON object per line in `metrics.jsonl` plus TensorBoard events.
+
+A record is {"step", "wall_time" (unix s), "elapsed_s" (since the writer opened),
+"worker" (only for per-worker values), "values": {tag: float}}. Tags look like
+"train/loss" or "val/perplexity". TensorBoard gets the same scalars under
+`<workdir>/tensorboard/`, tagged "<tag>/worker_<w>" when a worker is given.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Mapping
+
+from tensorboardX import SummaryWriter
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+
+
+class MetricsWriter:
+  """Writes scalar metrics to metrics.jsonl and TensorBoard; use as a context manager."""
+
+  def __init__(self, workdir: str, append: bool = False):
+    os.makedirs(workdir, exist_ok=True)
+    self.path = os.path.join(workdir, METRICS_FILE)
+    self._file = open(self.path, "a" if append else "w", buffering=1)
+    self._tb = SummaryWriter(logdir=os.path.join(workdir, TENSORBOARD_DIR), flush_secs=10)
+    self._t0 = time.time()
+
+  def write(self, step: int, values: Mapping[str, float], worker: int | None = None) -> dict:
+    now = time.time()
+    vals = {k: _scalar(v) for k, v in values.items() if v is not None}
+    record = {"step": int(step), "wall_time": now, "elapsed_s": now - self._t0}
+    if worker is not None:
+      record["worker"] = int(worker)
+    record["values"] = vals
+    self._file.write(json.dumps(record) + "\n")
+    for tag, v in vals.items():
+      if math.isfinite(v):
+        self._tb.add_scalar(tag if worker is None else f"{tag}/worker_{worker}", v,
+                            global_step=int(step), walltime=now)
+    return record
+
+  def flush(self) -> None:
+    self._file.flush()
+    self._tb.flush()
+
+  def close(self) -> None:
+    if not self._file.closed:
+      self._file.close()
+      self._tb.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+def _scalar(v) -> float:
+  return float(v.item() if hasattr(v, "item") else v)
+
+
+def read_metrics(workdir_or_file: str) -> list[dict]:
+  """All records of a metrics.jsonl (a workdir or the file itself)."""
+  path = workdir_or_file
+  if os.path.isdir(path):
+    path = os.path.join(path, METRICS_FILE)
+  with open(path) as fh:
+    return [json.loads(line) for line in fh if line.strip()]
