@@ -13,8 +13,6 @@ import os
 import time
 from collections.abc import Mapping
 
-from tensorboardX import SummaryWriter
-
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
@@ -23,6 +21,8 @@ class MetricsWriter:
   """Writes scalar metrics to metrics.jsonl and TensorBoard; use as a context manager."""
 
   def __init__(self, workdir: str, append: bool = False):
+    from tensorboardX import SummaryWriter  # here, so importing train.py does not need it
+
     os.makedirs(workdir, exist_ok=True)
     self.path = os.path.join(workdir, METRICS_FILE)
     self._file = open(self.path, "a" if append else "w", buffering=1)
