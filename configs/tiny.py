@@ -2,7 +2,7 @@
 
 Command:
   .venv/bin/python launch/train.py --config=configs/tiny.py --workdir=runs/tiny
-Expected time: 35-45 s on 2 shared CPU cores (~22k tokens/s; the first run also
+Expected time: 35-60 s on 2 shared CPU cores (14-24k tokens/s; the first run also
 tokenizes the stdlib into ~/.cache/pathways_lite, under a second).
 Expected result: validation loss falls from ~5.3 nats/byte at step 0 (near
 uniform over 259 ids) to ~1.8 at step 300 (perplexity ~6); see
