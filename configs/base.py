@@ -47,4 +47,11 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.runtime = ml_collections.ConfigDict()
   c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.enabled = True       # False: no checkpoints, no resume
+  c.checkpoint.every_steps = 0      # save when step % every_steps == 0; 0 = not by steps
+  c.checkpoint.every_secs = 600.0   # save when this many seconds passed; 0 = not by time
+  c.checkpoint.keep = 3             # keep the latest `keep` checkpoints ...
+  c.checkpoint.keep_every = 0       # ... plus every multiple of keep_every (0 = none)
+  c.checkpoint.async_save = True    # write on a background thread
+  c.checkpoint.allow_config_change = False  # resume a workdir saved with another config
   return c

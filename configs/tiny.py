@@ -30,4 +30,5 @@ def get_config():
   c.data.update(seq_len=128, batch_size=16)
   c.train.update(steps=300, lr=3e-3, warmup_steps=30, eval_every=50, eval_batches=8,
                  log_every=10)
+  c.checkpoint.every_steps = 100
   return c

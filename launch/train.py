@@ -6,7 +6,7 @@
 Writes config.json, metrics.jsonl, tensorboard/, loss_vs_step.png,
 loss_vs_time.png and summary.txt into --workdir.
 """
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from pathways_lite.train import train_and_evaluate
@@ -20,6 +20,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
   summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   print(f"final val loss {summary['final_val_loss']:.4f} "
         f"(perplexity {summary['final_val_perplexity']:.2f}); outputs in {summary['workdir']}")

@@ -137,6 +137,11 @@ class Checkpointer:
     self.preempted = False
     self._old_handlers: dict[int, Any] = {}
 
+  @property
+  def last_saved_step(self) -> int | None:
+    """The step of the latest save() (maybe still being written), or the latest on disk."""
+    return self._last_saved_step
+
   # -- policy --------------------------------------------------------------
 
   def should_save(self, step: int) -> bool:
@@ -206,7 +211,7 @@ class Checkpointer:
     """Restores the latest readable step (or `step`) onto the shardings of `like`.
 
     `like` is a pytree of arrays or jax.ShapeDtypeStruct (with `sharding` set to
-    restore onto another device layout). Returns (step, arrays, meta), or None
+    restore onto another device layout), or None to get Orbax's own tree back. Returns (step, arrays, meta), or None
     when the directory holds no checkpoint. Unreadable steps are skipped with a
     warning naming them; if every step is unreadable, raises CheckpointError.
     """
@@ -214,7 +219,7 @@ class Checkpointer:
     steps = [step] if step is not None else self.all_steps()[::-1]
     if not steps:
       return None
-    abstract = jax.tree.map(_abstract, like)
+    abstract = None if like is None else jax.tree.map(_abstract, like)
     failures = []
     for s in steps:
       try:
@@ -222,6 +227,8 @@ class Checkpointer:
             s, args=ocp.args.Composite(
                 arrays=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
         arrays = out["arrays"]
+        if like is not None and jax.tree.structure(arrays) != jax.tree.structure(like):
+          raise CheckpointError(f"step {s} holds a different tree than the run's state")
         jax.tree.map(lambda a: a.block_until_ready() if isinstance(a, jax.Array) else a, arrays)
         return s, arrays, dict(out["meta"] or {})
       except Exception as e:  # truncated/corrupted files, missing items, shape mismatch
@@ -233,6 +240,11 @@ class Checkpointer:
     raise CheckpointError(
         "no readable checkpoint; tried:\n  " + "\n  ".join(failures) +
         "\nDelete the broken step directories (or the workdir) to start over.")
+
+  def read_meta(self, step: int) -> dict:
+    """The JSON part of a step alone (cheap: no arrays are read)."""
+    out = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return dict(out["meta"] or {})
 
   # -- preemption ----------------------------------------------------------
 
@@ -292,3 +304,41 @@ def check_config_compatible(saved: dict, current: dict, *, allow: bool,
         f"the workdir holds a run with a different config ({details}); "
         "use a new --workdir, or set --config.checkpoint.allow_config_change=True to resume anyway")
   return diff
+
+
+# Fields that may differ between a checkpoint's config and the resuming run's.
+RESUMABLE_CHANGES = ("name", "checkpoint.", "train.eval_every", "train.log_every")
+CHECKPOINT_DIR = "checkpoints"
+
+
+def for_run(config, workdir: str) -> Checkpointer | None:
+  """The run's Checkpointer under <workdir>/checkpoints (None if checkpoint.enabled is off)."""
+  if not config.checkpoint.enabled:
+    return None
+  ck = Checkpointer(pathlib.Path(workdir) / CHECKPOINT_DIR,
+                    SavePolicy.from_config(config.checkpoint))
+  ck.install_preemption_handler()
+  return ck
+
+
+def resume(ck: Checkpointer | None, config_dict: dict, like, *, allow_config_change: bool):
+  """Restores the latest readable checkpoint of a run, checking its config first.
+
+  Returns (step, arrays, meta) or None for a fresh run. The saved config lives in
+  meta["config"]; fields other than RESUMABLE_CHANGES must match unless allowed.
+  """
+  if ck is None or ck.latest_step() is None:
+    return None
+  try:  # check the config before touching arrays whose shapes it may have changed
+    saved_config = ck.read_meta(ck.latest_step()).get("config", {})
+  except Exception:  # an unreadable latest step: restore() skips it below
+    saved_config = None
+  changed = []
+  if saved_config is not None:
+    changed = check_config_compatible(saved_config, config_dict,
+                                      allow=allow_config_change, ignore=RESUMABLE_CHANGES)
+  step, arrays, meta = ck.restore(like)
+  if changed:
+    log.warning("resuming step %d with changed config fields %s", step, changed)
+  print(f"[checkpoint] resuming from step {step} in {ck.directory}", flush=True)
+  return step, arrays, meta

@@ -70,3 +70,30 @@ def read_metrics(workdir_or_file: str) -> list[dict]:
     path = os.path.join(path, METRICS_FILE)
   with open(path) as fh:
     return [json.loads(line) for line in fh if line.strip()]
+
+
+def truncate_after(workdir: str, step: int) -> int:
+  """Drops records past `step` (written after the checkpoint a run resumes from).
+
+  Returns how many records were dropped; a torn last line (killed mid-write) goes too.
+  """
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return 0
+  kept, dropped = [], 0
+  with open(path) as fh:
+    for line in fh:
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        dropped += 1
+        continue
+      if record["step"] <= step:
+        kept.append(line if line.endswith("\n") else line + "\n")
+      else:
+        dropped += 1
+  tmp = path + ".tmp"
+  with open(tmp, "w") as fh:
+    fh.writelines(kept)
+  os.replace(tmp, path)
+  return dropped

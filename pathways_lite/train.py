@@ -29,7 +29,8 @@ from models import utils as model_utils
 from models.config import ModelConfig
 from models.decoder import DecoderLM
 from models.loss import cross_entropy
-from pathways_lite import configuration, plots
+from pathways_lite import checkpoint, configuration, plots
+from pathways_lite import metrics as metrics_lib
 from pathways_lite import data as data_lib
 from pathways_lite.metrics import MetricsWriter
 
@@ -195,11 +196,26 @@ def train_and_evaluate(config, workdir: str) -> dict:
   device = jax.devices()[0]
   mfu_of = lambda tps: model_utils.mfu(tps, model_cfg, dc.seq_len, device)
 
-  writer = MetricsWriter(workdir)
-  writer.write(0, {"data/train_tokens": data.shards[0].num_tokens,
-                   "data/val_tokens": sum(int(b.size) for b in val_batches),
-                   "model/params": n_params})
-  bar = tqdm(total=tc.steps, desc=config.name, unit="step", mininterval=1.0)
+  # Resume from the latest complete checkpoint of this workdir, if any.
+  ckpt = checkpoint.for_run(config, workdir)
+  config_dict = json.loads(configuration.to_json(config))
+  resumed = checkpoint.resume(ckpt, config_dict, state,
+                              allow_config_change=config.checkpoint.allow_config_change)
+  start = 0
+  if resumed is not None:
+    start, state, meta = resumed
+    train_iter.set_state(meta["train_iterator"])
+    metrics_lib.truncate_after(workdir, start)
+
+  def save(step: int) -> None:
+    ckpt.save(step, state, {"config": config_dict, "train_iterator": train_iter.get_state()})
+
+  writer = MetricsWriter(workdir, append=resumed is not None)
+  if resumed is None:
+    writer.write(0, {"data/train_tokens": data.shards[0].num_tokens,
+                     "data/val_tokens": sum(int(b.size) for b in val_batches),
+                     "model/params": n_params})
+  bar = tqdm(total=tc.steps, initial=start, desc=config.name, unit="step", mininterval=1.0)
   clock = {"t": None, "steps": 0, "timed_s": 0.0, "timed_steps": 0}
   last = {"train": None, "val": None}
 
@@ -235,21 +251,43 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if clock["t"] is not None:
       clock["t"] += time.time() - t0  # evaluation time is not training time
 
-  run_eval(0)  # the starting point of the validation curve
+  if resumed is None:
+    run_eval(0)  # the starting point of the validation curve
   pending = None
-  for step in range(tc.steps):
+  preempted = False
+  for step in range(start, tc.steps):
     batch_BxL1 = next(train_iter)
     state, metrics = train_step(state, batch_BxL1)  # dispatch step n ...
     if pending is not None:
       consume(*pending)                             # ... then read step n-1
     pending = (step, metrics)
-    if tc.eval_every and (step + 1) % tc.eval_every == 0 and step + 1 < tc.steps:
+    done = step + 1
+    at_eval = tc.eval_every and done % tc.eval_every == 0 and done < tc.steps
+    preempted = ckpt is not None and ckpt.preempted
+    at_save = ckpt is not None and (ckpt.should_save(done) or preempted)
+    if at_eval or at_save:  # records up to `done` precede its checkpoint
       consume(*pending)
       pending = None
-      run_eval(step + 1)
+    if at_eval:
+      run_eval(done)
+    if at_save:
+      save(done)
+    if preempted:
+      break
   if pending is not None:
     consume(*pending)
+  if preempted:
+    bar.close()
+    writer.close()
+    ckpt.close()
+    print(f"preempted: saved step {done} in {ckpt.directory}; rerun the same command to resume")
+    return {"config_name": config.name, "workdir": workdir, "preempted": True, "step": done,
+            "final_val_loss": float("nan"), "final_val_perplexity": float("nan")}
   run_eval(tc.steps)
+  if ckpt is not None:
+    if ckpt.last_saved_step != tc.steps:
+      save(tc.steps)
+    ckpt.close()
   bar.close()
   writer.close()
 
