@@ -1,0 +1,598 @@
+"""The single controller: ``call`` / ``transfer`` / ``gang`` return Futures at once.
+
+    islands = make_islands(2)
+    with Runtime(islands, clock="real", links=None, trace=True) as rt:
+        a = rt.call(step, x, island="island0", cost=1)     # Future, returns immediately
+        b = rt.call(step, a, island="island1")             # a's value is transferred to island1
+        c = rt.transfer(b, island="island0", wire_dtype="int8")
+        s = rt.gang(lambda v: jax.lax.psum(v, GANG_AXIS), [a, b], islands=["island0", "island1"])
+        b.result()                                        # jax arrays on island1's devices
+        rt.now(); rt.trace.write("trace.json")
+
+``call(fn, *args, island, cost=None, name=None)``: runs ``jax.jit(fn)`` (one
+jit per fn, compiled once per island and input shapes) on ``island``.
+Arguments are pytrees whose leaves are Futures (of any island: the transfer
+over the link is inserted), jax.Arrays (moved to the island if they live
+elsewhere) or host values (numpy arrays, Python numbers: placed replicated on
+the island). Bind static (non-array) arguments with ``functools.partial``.
+``cost`` is the work in units for the virtual clock (default 1); the real
+clock ignores it.
+
+``transfer(x, island, wire_dtype=None, spec=None)``: x (a Future, array or
+host value) on ``island``, through the link (quantized with ``wire_dtype``,
+default the link's), laid out as ``spec`` (a PartitionSpec on the island's
+mesh; default: the same spec as the source, else replicated).
+
+``gang(fn, *args, islands)``: one computation over several islands, enqueued
+on all of them in one global order (gangs never deadlock). ``fn`` is written
+per island and may use collectives over the axis ``GANG_AXIS`` ("islands"),
+e.g. ``jax.lax.psum(x, GANG_AXIS)``. Each arg is a *list* with one entry per
+island, or any other value given to every island. Returns one Future per
+island with that island's output. Disjoint islands run it with shard_map on
+their union mesh; islands sharing devices (virtual) run it with vmap.
+
+Dispatch never waits on the data plane: a chain of calls across islands is
+fully enqueued while the first still runs. Errors: anything raised while
+resolving arguments, tracing or running ``fn`` fails that future; every
+future depending on it fails with the same exception object; nothing else is
+affected. ``shutdown()`` (also on leaving ``with``) waits for everything in flight.
+"""
+from __future__ import annotations
+
+import collections
+import functools
+import itertools
+import math
+import threading
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+
+from pathways_lite import network
+from pathways_lite.clock import make_clock
+from pathways_lite.futures import CANCELLED, FINISHED, MISSING, PENDING, Future
+from pathways_lite.islands import GANG_AXIS, Island, Union
+from pathways_lite.network import LinkModel
+from pathways_lite.scheduler import RealEngine, VirtualEngine
+from pathways_lite.trace import Trace
+
+try:
+    from jax._src.array import ArrayImpl as _ArrayType
+except ImportError:  # pragma: no cover
+    _ArrayType = None
+
+__all__ = ["Runtime", "GANG_AXIS"]
+
+_JIT_CACHE_MAX = 4096
+
+
+class _Missing(Exception):
+    """An input's value is not available yet (waiting on a link / deferred work)."""
+
+    def __init__(self, fut):
+        self.fut = fut
+
+
+class _Failed(Exception):
+    """An input failed: the dependant fails with ``exc``, the original exception."""
+
+    def __init__(self, exc):
+        self.exc = exc
+
+
+class GangResult:
+    """The global outputs of one gang computation; island k's part is made on demand."""
+
+    __slots__ = ("out", "union", "futures")
+
+    def __init__(self, out, union, futures):
+        self.out, self.union, self.futures = out, union, futures
+
+    def view(self, k):
+        return jax.tree_util.tree_map(lambda g: self.union.split(g, k), self.out)
+
+
+def _fn_name(fn):
+    return getattr(fn, "__name__", None) or type(fn).__name__
+
+
+class Runtime:
+    """The controller of ``islands`` (see the module docstring)."""
+
+    def __init__(self, islands, *, clock="real", links: LinkModel | None = None, trace: bool = True):
+        islands = list(islands)
+        if not islands or not all(isinstance(i, Island) for i in islands):
+            raise ValueError(f"Runtime needs a non-empty list of Islands (see make_islands), got {islands!r}")
+        names = [i.name for i in islands]
+        if len(set(names)) != len(names):
+            raise ValueError(f"Runtime: island names must be distinct, got {names}")
+        if "host" in names:
+            raise ValueError("Runtime: 'host' is reserved for host values; rename that island")
+        self.islands = tuple(islands)
+        self.clock = make_clock(clock)
+        self.virtual = self.clock.kind == "virtual"
+        if self.virtual:
+            self.clock.validate(names)
+        if links is None:
+            links = LinkModel()
+        if not isinstance(links, LinkModel):
+            raise TypeError(f"Runtime: links must be a LinkModel or None, got {type(links).__name__}")
+        links.validate(names)
+        self.links = links
+        self.trace = Trace(names) if trace else None
+        engine_cls = VirtualEngine if self.virtual else RealEngine
+        self._engine = engine_cls(self.clock, self.trace)
+        self._isl = {}
+        canon = {}
+        for isl in islands:
+            self._isl[isl.name] = isl
+            self._isl[isl] = isl
+            canon.setdefault(isl.device_set, isl.device_set)
+        self._canon = canon                      # device set -> the one frozenset object used for it
+        self._key = {isl.name: canon[isl.device_set] for isl in islands}
+        self._owner = {}                         # device set -> the island owning it alone
+        for isl in islands:
+            sharing = [j for j in islands if j.device_set == isl.device_set]
+            self._owner[canon[isl.device_set]] = isl if len(sharing) == 1 else None
+        self._sh_key = {}                        # sharding -> canonical device set (or a fresh one)
+        self._targets = {}
+        self._jit = {}
+        self._zero_arg_jit = {}
+        self._unions = {}
+        self._gang_jit = {}
+        self._gang_lock = threading.RLock()
+        self._gang_q = collections.deque()
+        self._gang_seq = itertools.count()
+        self._pumping = False
+        self._closed = False
+
+    # -- public API ----------------------------------------------------------------------------
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
+
+    def now(self) -> float:
+        """Current time of the runtime's clock (simulated seconds under the virtual clock)."""
+        return self._engine.now()
+
+    def island(self, name) -> Island:
+        isl = self._lookup(name)
+        if isl is None:
+            raise ValueError(self._unknown(name))
+        return isl
+
+    def call(self, fn, *args, island, cost=None, name=None) -> Future:
+        """Run ``jax.jit(fn)(*args)`` on ``island``; returns its Future at once."""
+        if self._closed:
+            raise RuntimeError("Runtime.call: the runtime is shut down; make a new Runtime")
+        isl = self._lookup(island)
+        fut = Future(self, isl.name if isl is not None else str(island), name or _fn_name(fn))
+        fut._t_enq = self._engine.now()
+        if isl is None:
+            return self._engine.fail_now(fut, ValueError(self._unknown(island)))
+        if cost is None:
+            cost = 1.0
+        elif not isinstance(cost, (int, float)) or not (cost >= 0 and math.isfinite(cost)):
+            return self._engine.fail_now(fut, ValueError(f"call {fut.name!r}: cost must be a finite number "
+                                                         f">= 0 (units of work), got {cost!r}"))
+        if not callable(fn):
+            return self._engine.fail_now(fut, TypeError(f"call: fn must be callable, got {fn!r}"))
+        self._run_call(fut, (fn, args, isl, cost))
+        return fut
+
+    def transfer(self, x, *, island, wire_dtype=None, spec=None, name=None) -> Future:
+        """``x`` (Future, array or host value) on ``island`` through the link; returns a Future."""
+        if self._closed:
+            raise RuntimeError("Runtime.transfer: the runtime is shut down; make a new Runtime")
+        isl = self._lookup(island)
+        fut = Future(self, isl.name if isl is not None else str(island), name or "transfer", "transfer")
+        fut._t_enq = self._engine.now()
+        try:
+            if isl is None:
+                raise ValueError(self._unknown(island))
+            wire = network.canonical_wire_dtype(wire_dtype)
+            if spec is not None:
+                isl.sharding(spec)  # validates the spec against the island's mesh
+            if isinstance(x, Future):
+                self._check_future(x)
+                if x._exc is not None:
+                    raise _Failed(x._exc)
+                self._start_transfer(fut, x, None, x.island, isl, wire, spec)
+            else:
+                src = self._array_island(x) if isinstance(x, jax.Array) else None
+                self._start_transfer(fut, None, x, src.name if src else "host", isl, wire, spec)
+        except _Failed as f:
+            self._engine.fail_now(fut, f.exc)
+        except Exception as e:
+            self._engine.fail_now(fut, e)
+        return fut
+
+    def gang(self, fn, *args, islands, cost=None, name=None) -> list[Future]:
+        """Run ``fn`` on every island of ``islands`` at once (collectives over GANG_AXIS)."""
+        if self._closed:
+            raise RuntimeError("Runtime.gang: the runtime is shut down; make a new Runtime")
+        if isinstance(islands, (str, Island)) or not hasattr(islands, "__iter__"):
+            raise TypeError(f"gang: islands must be a list of island names, got {islands!r}")
+        islands = list(islands)
+        isls = [self._lookup(i) for i in islands]
+        label = name or _fn_name(fn)
+        futs = [Future(self, isl.name if isl is not None else str(i), label, "gang")
+                for isl, i in zip(isls, islands)]
+        now = self._engine.now()
+        for f in futs:
+            f._t_enq = now
+        try:
+            if not futs:
+                raise ValueError("gang: islands is empty")
+            for isl, i in zip(isls, islands):
+                if isl is None:
+                    raise ValueError(self._unknown(i))
+            if cost is None:
+                cost = 1.0
+            elif not isinstance(cost, (int, float)) or not (cost >= 0 and math.isfinite(cost)):
+                raise ValueError(f"gang {label!r}: cost must be a finite number >= 0, got {cost!r}")
+            if not callable(fn):
+                raise TypeError(f"gang: fn must be callable, got {fn!r}")
+            key = tuple(i.name for i in isls)
+            union = self._unions.get(key)
+            if union is None:
+                union = self._unions[key] = Union(isls)
+        except Exception as e:
+            for f in futs:
+                self._engine.fail_now(f, e)
+            return futs
+        with self._gang_lock:
+            self._gang_q.append((futs, (fn, args, isls, union, cost)))
+            self._pump_gangs()
+        return futs
+
+    def shutdown(self, wait: bool = True, cancel_pending: bool = False) -> None:
+        """Finish (``wait``) or abandon in-flight work and stop the runtime's threads."""
+        if self._closed:
+            return
+        if cancel_pending or not wait:
+            for f in list(self._engine.deferred):
+                f.cancel()
+        if wait:
+            self._engine.drain()
+        self._closed = True
+        self._engine.stop()
+
+    def pending(self) -> list[dict]:
+        """In-flight work not yet finished (virtual clock: every queued event with its times)."""
+        if self.virtual:
+            return self._engine.pending()
+        return [{"name": f.name, "island": f.island, "kind": f.kind} for f in list(self._engine.deferred)]
+
+    def state_dict(self) -> dict:
+        """Clock time, per-island/link busy-until, link byte counters and what is in flight."""
+        return {"clock": self.clock.state_dict(), "links": self.links.state_dict(), "pending": self.pending()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore clock and link counters (into a runtime with nothing in flight)."""
+        self.clock.load_state_dict(state["clock"])
+        self.links.load_state_dict(state["links"])
+
+    # -- calls ---------------------------------------------------------------------------------
+    def _run_call(self, fut, job):
+        if fut._state >= FINISHED:   # cancelled while it waited
+            return None
+        fn, args, isl, cost = job
+        deps = []
+        try:
+            vals = [self._resolve(a, isl, deps) for a in args]
+        except _Missing as m:
+            return self._defer(fut, job, m.fut, self._run_call)
+        except _Failed as f:
+            return self._engine.fail_now(fut, f.exc)
+        except Exception as e:
+            return self._engine.fail_now(fut, e)
+        deferred = fut._state == PENDING
+        if deferred and not self._engine.claim(fut):
+            return None
+        fut._parents = tuple(deps)
+        try:
+            out = self._jitted(fn, isl, bool(args))(*vals)
+        except Exception as e:
+            return self._engine.fail_now(fut, e)
+        self._engine.submit(fut, out, (isl.name,), cost)
+        fut._value = out
+        if deferred:
+            self._engine.undefer(fut)
+        return None
+
+    def _defer(self, fut, job, missing, retry):
+        """Park ``fut`` until ``missing``'s value exists; then ``retry(fut, job)``."""
+        if fut._state != PENDING:
+            self._engine.defer(fut, job)
+        if fut._state == CANCELLED:
+            return None
+        if not self._engine.add_waiter(missing, lambda: retry(fut, job)):
+            return retry(fut, job)
+        return None
+
+    def _jitted(self, fn, isl, has_args):
+        if not has_args:  # no inputs to place it: pin the outputs to the island
+            jf = self._zero_arg_jit.get((fn, isl.name))
+            if jf is None:
+                jf = self._zero_arg_jit[(fn, isl.name)] = jax.jit(fn, out_shardings=isl.replicated())
+            return jf
+        jf = self._jit.get(fn)
+        if jf is None:
+            if len(self._jit) >= _JIT_CACHE_MAX:
+                self._jit.clear()
+            jf = self._jit[fn] = fn if hasattr(fn, "lower") else jax.jit(fn)
+        return jf
+
+    # -- argument resolution -------------------------------------------------------------------
+    def _resolve(self, a, isl, deps):
+        """One argument (a pytree) as values on ``isl``; Futures' deps appended to ``deps``."""
+        t = type(a)
+        if t is Future:
+            return self._future_value(a, isl, deps)
+        if t is _ArrayType:
+            sh = a.sharding
+            key = self._sh_key.get(sh)
+            if key is None:
+                key = self._sharding_key(sh)
+            if key is self._key[isl.name]:
+                return a
+            return self._place(a, isl, deps)
+        leaves, tdef = jax.tree_util.tree_flatten(a)
+        if len(leaves) == 1 and leaves[0] is a:
+            return self._place(a, isl, deps)
+        return jax.tree_util.tree_unflatten(tdef, [self._resolve(x, isl, deps) for x in leaves])
+
+    def _sharding_key(self, sh):
+        ds = frozenset(sh.device_set)
+        key = self._sh_key[sh] = self._canon.get(ds, ds)
+        return key
+
+    def _future_value(self, a, isl, deps):
+        if a._rt is not self:
+            self._check_future(a)
+        if a._exc is not None:
+            raise _Failed(a._exc)
+        if a.island != isl.name:
+            a = self._copy(a, isl)
+            if a._exc is not None:
+                raise _Failed(a._exc)
+        v = a._value
+        if v is MISSING:
+            if a._gang is None:
+                raise _Missing(a)
+            v = a._get_value()
+        deps.append(a)
+        return v
+
+    def _check_future(self, a):
+        if a._rt is self:
+            return
+        if a._rt._closed:
+            raise ValueError(f"Future {a.name!r} belongs to a Runtime that was shut down; "
+                             "pass its result() (arrays) to this runtime instead")
+        raise ValueError(f"Future {a.name!r} belongs to another Runtime; futures work only "
+                         "within the runtime that made them (pass its result() instead)")
+
+    def _place(self, x, isl, deps):
+        """A non-Future leaf on ``isl``: arrays of another island go through the link."""
+        if isinstance(x, jax.Array):
+            src = self._array_island(x)
+            if src is not None and src is not isl:
+                t = Future(self, isl.name, "transfer", "transfer")
+                t._t_enq = self._engine.now()
+                self._start_transfer(t, None, x, src.name, isl, None, None)
+                return self._future_value(t, isl, deps)
+        elif isinstance(x, (str, bytes)) or x is None or callable(x):
+            raise TypeError(f"argument leaf {x!r} of type {type(x).__name__} cannot be placed on island "
+                            f"{isl.name!r}; pass arrays, numbers or Futures (bind static values with "
+                            "functools.partial)")
+        return jax.device_put(x, isl.replicated())
+
+    def _array_island(self, x):
+        key = self._sh_key.get(x.sharding)
+        if key is None:
+            key = self._sharding_key(x.sharding)
+        owner = self._owner.get(key)
+        if owner is None:
+            for isl in self.islands:  # a subset of one island's devices
+                if key <= isl.device_set and self._owner.get(self._key[isl.name]) is isl:
+                    return isl
+        return owner
+
+    def _lookup(self, island):
+        try:
+            return self._isl.get(island)
+        except TypeError:
+            return None
+
+    def _unknown(self, island):
+        return f"unknown island {island!r}; this runtime's islands are {[i.name for i in self.islands]}"
+
+    # -- transfers -----------------------------------------------------------------------------
+    def _copy(self, src, isl):
+        """The (cached) transfer Future of ``src``'s value to ``isl`` over the default link format."""
+        copies = src._copies
+        if copies is None:
+            copies = src._copies = {}
+        t = copies.get(isl.name)
+        if t is None or t._state == CANCELLED or (t._exc is not None and src._exc is None):
+            # (a transfer that failed by itself, e.g. out of memory, is tried again)
+            t = Future(self, isl.name, f"{src.name}->{isl.name}", "transfer")
+            t._t_enq = self._engine.now()
+            copies[isl.name] = t
+            try:
+                self._start_transfer(t, src, None, src.island, isl, None, None)
+            except Exception as e:
+                self._engine.fail_now(t, e)
+        return t
+
+    def _start_transfer(self, fut, src_fut, value, src_name, isl, wire, spec):
+        if fut._state >= FINISHED:
+            return None
+        link = self.links.link(src_name, isl.name) if src_name != "host" else network.Link()
+        if wire is None:
+            wire = link.wire_dtype
+        fut._src = src_name
+        if src_fut is not None:
+            fut._parents = (src_fut,)
+        key = (src_name, isl.name)
+
+        def move():
+            v = src_fut._get_value() if src_fut is not None else value
+            out, nbytes = self._move(v, isl, wire, link.block_size, spec)
+            if src_name != "host":
+                self.links.record(src_name, isl.name, nbytes)
+            return out, nbytes
+
+        if src_fut is not None and src_fut._value is MISSING and src_fut._gang is None:
+            return self._defer(fut, None, src_fut,
+                               lambda f, _: self._start_transfer(f, src_fut, value, src_name, isl, wire, spec))
+        if not self.virtual and link.delayed and src_name != "host":
+            return self._engine.submit_link(fut, key, link, move)
+        if fut._state == PENDING and not self._engine.claim(fut):
+            return None
+        deferred = fut._state != PENDING and fut in self._engine.deferred
+        try:
+            out, nbytes = move()
+        except Exception as e:
+            return self._engine.fail_now(fut, e)
+        fut._nbytes = nbytes
+        if self.virtual:
+            self._engine.submit_transfer(fut, key, link.seconds(nbytes) if link.delayed else 0.0)
+        else:
+            self._engine.submit(fut, out)
+        fut._value = out
+        if deferred:
+            self._engine.undefer(fut)
+        return None
+
+    def _move(self, v, isl, wire, block, spec):
+        leaves, tdef = jax.tree_util.tree_flatten(v)
+        out, nbytes = [], 0
+        for x in leaves:
+            if not isinstance(x, jax.Array):
+                x = np.asarray(x)
+            target = self._target(x, isl, spec)
+            if wire is None or not np.issubdtype(x.dtype, np.floating):
+                out.append(jax.device_put(x, target))
+                nbytes += x.nbytes
+                continue
+            if not isinstance(x, jax.Array):
+                x = jax.device_put(x, target)
+            payload = network.encoder(wire, block)(x)
+            nbytes += sum(p.nbytes for p in payload)
+            moved = jax.device_put(payload, isl.replicated())
+            out.append(network.decoder(wire, block, tuple(x.shape), x.dtype, target)(moved))
+        return jax.tree_util.tree_unflatten(tdef, out), nbytes
+
+    def _target(self, x, isl, spec):
+        if spec is not None:
+            return isl.sharding(spec)
+        sh = getattr(x, "sharding", None)
+        if isinstance(sh, NamedSharding) and tuple(sh.mesh.axis_names) == tuple(isl.mesh.axis_names) \
+                and sh.mesh.devices.shape == isl.mesh.devices.shape:
+            key = (sh.spec, isl.name)
+            t = self._targets.get(key)
+            if t is None:
+                t = self._targets[key] = NamedSharding(isl.mesh, sh.spec)
+            return t
+        return isl.replicated()
+
+    # -- gangs ---------------------------------------------------------------------------------
+    def _pump_gangs(self):
+        """Dispatch queued gangs strictly in submission order (call with the gang lock held)."""
+        if self._pumping:
+            return
+        self._pumping = True
+        try:
+            while self._gang_q:
+                futs, job = self._gang_q[0]
+                if any(f._state >= FINISHED for f in futs):  # cancelled or failed while queued
+                    exc = next(f._exc for f in futs if f._state >= FINISHED)
+                    for f in futs:
+                        self._engine.fail_now(f, exc)
+                    self._gang_q.popleft()
+                    continue
+                if not self._try_gang(futs, job):
+                    break
+                self._gang_q.popleft()
+        finally:
+            self._pumping = False
+
+    def _repump(self):
+        with self._gang_lock:
+            self._pump_gangs()
+
+    def _try_gang(self, futs, job) -> bool:
+        """Dispatch one gang; False if an input is not available yet (it stays queued)."""
+        fn, args, isls, union, cost = job
+        n = len(isls)
+        deps = []
+        try:
+            gargs = [self._gang_arg(a, isls, union, deps) for a in args]
+        except _Missing as m:
+            for f in futs:
+                if f._state != PENDING:
+                    self._engine.defer(f, job)
+            if not self._engine.add_waiter(m.fut, self._repump):
+                return self._try_gang(futs, job)
+            return False
+        except Exception as e:
+            exc = e.exc if isinstance(e, _Failed) else e
+            for f in futs:
+                self._engine.fail_now(f, exc)
+            return True
+        deferred = futs[0]._state == PENDING
+        if deferred and not all([self._engine.claim(f) for f in futs]):
+            exc = next(f._exc for f in futs if f._exc is not None)   # the cancelled one's
+            for f in futs:
+                self._engine.fail_now(f, exc)
+            return True
+        try:
+            jf = self._gang_jit.get((fn, union))
+            if jf is None:
+                jf = self._gang_jit[(fn, union)] = union.compile(fn)
+            out = jf(*gargs)
+        except Exception as e:
+            for f in futs:
+                self._engine.fail_now(f, e)
+            return True
+        res = GangResult(out, union, futs)
+        seq = str(next(self._gang_seq))
+        parents = tuple(deps)
+        for f in futs:
+            f._parents, f._src = parents, seq
+        self._engine.submit(futs[0], out, tuple(i.name for i in isls), cost, gang=res)
+        for k in range(n):
+            futs[k]._gang = (res, k)
+        if deferred:
+            for f in futs:
+                self._engine.publish(f, MISSING)
+                self._engine.undefer(f)
+        return True
+
+    def _gang_arg(self, a, isls, union, deps):
+        n = len(isls)
+        entries = a if (type(a) is list and len(a) == n) else [a] * n
+        e0 = entries[0]
+        if type(e0) is Future and e0._gang is not None and e0._gang[0].union is union:
+            res = e0._gang[0]
+            if all(type(e) is Future and e._gang is not None and e._gang[0] is res and e._gang[1] == k
+                   for k, e in enumerate(entries)):
+                if e0._exc is not None:
+                    raise _Failed(e0._exc)
+                deps.append(e0)
+                return res.out
+        per = [self._resolve(e, isl, deps) for e, isl in zip(entries, isls)]
+        flat = [jax.tree_util.tree_flatten(p) for p in per]
+        tdef = flat[0][1]
+        for (leaves, td), isl in zip(flat, isls):
+            if td != tdef:
+                raise ValueError(f"gang: island {isl.name!r} got an argument of structure {td}, "
+                                 f"island {isls[0].name!r} got {tdef}; per-island values must match")
+        stacked = [union.stack([f[0][i] for f in flat]) for i in range(len(flat[0][0]))]
+        return jax.tree_util.tree_unflatten(tdef, stacked)

@@ -1,0 +1,409 @@
+"""Completion engines behind the Runtime: when futures finish, in which order, at what time.
+
+Internal to the runtime (users see only Futures). The runtime *dispatches*
+work (JAX enqueues it asynchronously) and hands the future to an engine:
+
+- ``RealEngine``: one completion thread per island blocks on the outputs of
+  that island's work in enqueue order and finishes the futures; one thread per
+  delayed link sleeps ``latency + bytes / bandwidth`` per transfer. The
+  controller never blocks on either.
+- ``VirtualEngine``: every submission is booked on the ``VirtualClock``
+  (start = max(now, island free, inputs arrived)); futures finish only when
+  the controller waits, in (simulated time, sequence number) order.
+
+Both finish a future the same way (:meth:`Engine.finish`): a future whose
+input failed takes that input's exception object; otherwise a failure of its
+own computation (seen when blocking on its outputs) is its exception.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+
+import jax
+
+from pathways_lite.futures import (CANCELLED, FINISHED, MISSING, PENDING, RUNNING, CancelledError,
+                                   run_callback)
+from pathways_lite.trace import Span
+
+try:
+    from jax._src.array import ArrayImpl
+except ImportError:  # pragma: no cover
+    ArrayImpl = None
+
+_STOP = object()
+log = logging.getLogger(__name__)
+
+
+def run_waiters(ws):
+    for w in ws:
+        try:
+            w()
+        except Exception:  # a dataflow retry must never kill an engine thread
+            log.exception("pathways_lite: dispatching deferred work failed")
+
+
+class Engine:
+    """State transitions shared by both clocks; ``cond`` guards every future's state."""
+
+    def __init__(self, clock, trace):
+        self.clock = clock
+        self.trace = trace
+        self.cond = threading.Condition(threading.Lock())
+        self._done_ctr = itertools.count()
+        self.deferred = set()   # futures PENDING (waiting on inputs or a link)
+
+    def now(self) -> float:
+        return self.clock.now()
+
+    # -- the one way a future finishes ---------------------------------------------------------
+    def finish(self, fut, exc=None, state=FINISHED) -> bool:
+        with self.cond:
+            if fut._state >= FINISHED:
+                return False
+            fut._exc = exc
+            fut._state = state
+            fut._done_seq = next(self._done_ctr)
+            cbs, fut._callbacks = fut._callbacks, None
+            ws, fut._waiters = fut._waiters, None
+            if fut._listeners:
+                for listener in fut._listeners:
+                    listener(fut)
+                fut._listeners = None
+            if self.deferred:
+                self.deferred.discard(fut)
+            if self.cond._waiters:
+                self.cond.notify_all()
+        fut._parents = ()
+        fut._job = None
+        if self.trace is not None:
+            self.record(fut, "ok" if exc is None else ("cancelled" if state == CANCELLED else "error"))
+        if ws:
+            run_waiters(ws)
+        if cbs:
+            for cb in cbs:
+                run_callback(cb, fut)
+        return True
+
+    def fail_now(self, fut, exc):
+        """Fail at dispatch time (bad input, tracing error, failed input)."""
+        fut._t_start = fut._t_end = max(fut._t_enq, self.now())
+        self.finish(fut, exc)
+        return fut
+
+    def record(self, fut, status):
+        self.trace.add(Span(fut.kind, fut.name, fut.island, fut._t_enq, fut._t_start, fut._t_end,
+                            fut._id, fut._nbytes, fut._src, status))
+
+    def publish(self, fut, value):
+        """Make a PENDING future's value available to dependants (before it counts as done)."""
+        with self.cond:
+            fut._value = value
+            ws, fut._waiters = fut._waiters, None
+        if ws:
+            run_waiters(ws)
+
+    def add_waiter(self, fut, fn) -> bool:
+        """Call ``fn()`` once ``fut``'s value is available or it failed; False if it already is."""
+        with self.cond:
+            if fut._value is not MISSING or fut._gang is not None or fut._state >= FINISHED:
+                return False
+            if fut._waiters is None:
+                fut._waiters = []
+            fut._waiters.append(fn)
+            return True
+
+    def add_callback(self, fut, fn) -> bool:
+        with self.cond:
+            if fut._state >= FINISHED:
+                return False
+            if fut._callbacks is None:
+                fut._callbacks = []
+            fut._callbacks.append(fn)
+            return True
+
+    def listen(self, fut, fn) -> bool:
+        with self.cond:
+            if fut._state >= FINISHED:
+                return False
+            if fut._listeners is None:
+                fut._listeners = []
+            fut._listeners.append(fn)
+            return True
+
+    def unlisten(self, fut, fn) -> None:
+        with self.cond:
+            if fut._listeners and fn in fut._listeners:
+                fut._listeners.remove(fn)
+
+    def defer(self, fut, job) -> None:
+        with self.cond:
+            fut._state = PENDING
+            fut._job = job
+            self.deferred.add(fut)
+
+    def claim(self, fut) -> bool:
+        """PENDING -> RUNNING for a deferred future about to start; False if it was cancelled."""
+        with self.cond:
+            if fut._state != PENDING:
+                return False
+            fut._state = RUNNING
+            return True
+
+    def undefer(self, fut) -> None:
+        """A deferred future was dispatched (its completion is now queued)."""
+        with self.cond:
+            self.deferred.discard(fut)
+            self.cond.notify_all()
+
+    def cancel(self, fut) -> bool:
+        with self.cond:
+            if fut._state == CANCELLED:
+                return True
+            if fut._state != PENDING:
+                return False
+        return self.finish(fut, CancelledError(f"future {fut.name!r} was cancelled"), CANCELLED) \
+            or fut._state == CANCELLED
+
+    @staticmethod
+    def failed_parent(fut):
+        for p in fut._parents:
+            if p._exc is not None:
+                return p._exc
+        return None
+
+
+class RealEngine(Engine):
+    """Futures finish when their outputs are ready (wall clock)."""
+
+    def __init__(self, clock, trace):
+        super().__init__(clock, trace)
+        self._queues = {}
+        self._threads = []
+        self._last_end = {}
+        self._links = {}
+        self._qlock = threading.Lock()
+
+    def _queue(self, island):
+        q = self._queues.get(island)
+        if q is None:
+            with self._qlock:
+                q = self._queues.get(island)
+                if q is None:
+                    q = queue.SimpleQueue()
+                    t = threading.Thread(target=self._complete_loop, args=(q,), daemon=True,
+                                         name=f"pathways_lite-complete-{island}")
+                    t.start()
+                    self._threads.append(t)
+                    self._queues[island] = q
+        return q
+
+    def submit(self, fut, value, islands=None, cost=None, gang=None):
+        """``fut`` was dispatched with outputs ``value``; finish it when they are ready.
+
+        Callers publish ``fut``'s value only after this put, so a future is always queued
+        after its inputs and the completion threads (which wait for inputs) cannot deadlock.
+        """
+        self._queue(fut.island).put((fut, gang, value))
+
+    def _wait_settled(self, fut):
+        if fut._state < FINISHED:
+            with self.cond:
+                while fut._state < FINISHED:
+                    self.cond.wait()
+
+    def _complete_loop(self, q):
+        while True:
+            item = q.get()
+            if item is _STOP:
+                return
+            fut, gang, value = item
+            futs = gang.futures if gang is not None else (fut,)
+            for p in fut._parents:
+                if p._state < FINISHED:
+                    self._wait_settled(p)
+            exc = self.failed_parent(fut)
+            if exc is None:
+                try:
+                    if type(value) is ArrayImpl:
+                        value.block_until_ready()
+                    else:
+                        jax.block_until_ready(value)
+                except BaseException as e:  # the computation failed on the device
+                    exc = e
+            t_end = self.clock.now()
+            t_start = fut._t_enq
+            for p in fut._parents:
+                if p._t_end > t_start:
+                    t_start = p._t_end
+            for f in futs:
+                if f.kind != "transfer":
+                    last = self._last_end.get(f.island, 0.0)
+                    f._t_start = max(t_start, last)
+                    self._last_end[f.island] = t_end
+                else:
+                    f._t_start = t_start
+                f._t_end = t_end
+                self.finish(f, exc)
+
+    # -- delayed links -------------------------------------------------------------------------
+    def submit_link(self, fut, key, link, move):
+        """Run ``move() -> (value, nbytes)`` on link ``key``'s thread, then hold it for the link time."""
+        if fut._state != PENDING:
+            self.defer(fut, move)
+        else:
+            fut._job = move
+        q = self._links.get(key)
+        if q is None:
+            with self._qlock:
+                q = self._links.get(key)
+                if q is None:
+                    q = self._links[key] = queue.SimpleQueue()
+                    t = threading.Thread(target=self._link_loop, args=(q, link), daemon=True,
+                                         name=f"pathways_lite-link-{key[0]}-{key[1]}")
+                    t.start()
+                    self._threads.append(t)
+        q.put(fut)
+
+    def _link_loop(self, q, link):
+        free_at = 0.0
+        while True:
+            fut = q.get()
+            if fut is _STOP:
+                return
+            move = fut._job
+            if not self.claim(fut):
+                continue
+            for p in fut._parents:
+                self._wait_settled(p)
+            exc = self.failed_parent(fut)
+            if exc is not None:
+                self.fail_now(fut, exc)
+                continue
+            t0 = max(self.clock.now(), free_at)
+            try:
+                value, nbytes = move()
+                jax.block_until_ready(value)
+            except BaseException as e:
+                self.fail_now(fut, e)
+                continue
+            fut._nbytes = nbytes
+            free_at = t0 + link.seconds(nbytes)
+            delay = free_at - self.clock.now()
+            if delay > 0:
+                time.sleep(delay)
+            fut._t_start, fut._t_end = t0, self.clock.now()
+            self.publish(fut, value)
+            self.finish(fut)
+
+    # -- waiting -------------------------------------------------------------------------------
+    def wait_until(self, pred, timeout=None) -> bool:
+        with self.cond:
+            if timeout is None:
+                while not pred():
+                    self.cond.wait()
+                return True
+            deadline = time.monotonic() + max(0.0, timeout)
+            while not pred():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self.cond.wait(left)
+            return True
+
+    def drain(self, timeout=None) -> bool:
+        """Wait until no deferred work is left (then every queued item is a dispatched one)."""
+        return self.wait_until(lambda: not self.deferred, timeout)
+
+    def stop(self):
+        for q in list(self._queues.values()) + list(self._links.values()):
+            q.put(_STOP)
+        for t in self._threads:
+            t.join()
+
+
+class VirtualEngine(Engine):
+    """Futures finish in simulated-time order when the controller waits."""
+
+    def __init__(self, clock, trace):
+        super().__init__(clock, trace)
+        self.lock = threading.RLock()
+
+    def now(self) -> float:
+        return self.clock.now
+
+    def submit(self, fut, value, islands, cost, gang=None):
+        """Book ``islands`` for ``cost`` once ``fut``'s parents are done; queue its completion."""
+        with self.lock:
+            clock = self.clock
+            now = clock.now
+            ready = now
+            for p in fut._parents:
+                if p._t_end > ready:
+                    ready = p._t_end
+            start, end = clock.reserve(islands, ready, cost)
+            for f in (gang.futures if gang is not None else (fut,)):
+                f._t_enq, f._t_start, f._t_end = now, start, end
+                clock.push(end, f)
+
+    def submit_transfer(self, fut, key, seconds):
+        with self.lock:
+            clock = self.clock
+            ready = clock.now
+            for p in fut._parents:
+                if p._t_end > ready:
+                    ready = p._t_end
+            fut._t_enq = clock.now
+            fut._t_start, fut._t_end = clock.reserve_link(key, ready, seconds)
+            clock.push(fut._t_end, fut)
+
+    def _deliver(self, fut):
+        if fut._state >= FINISHED:   # cancelled while queued
+            return
+        exc = self.failed_parent(fut)
+        if exc is None:
+            try:
+                value = fut._value if fut._gang is None else fut._gang[0].out
+                jax.block_until_ready(value)
+            except BaseException as e:
+                exc = e
+        self.finish(fut, exc)
+
+    def cancel(self, fut) -> bool:
+        with self.lock:
+            if fut._state == CANCELLED:
+                return True
+            if fut._state >= FINISHED or self.clock.now >= fut._t_start:
+                return False
+            return self.finish(fut, CancelledError(f"future {fut.name!r} was cancelled"), CANCELLED)
+
+    def wait_until(self, pred, timeout=None) -> bool:
+        with self.lock:
+            clock = self.clock
+            deadline = None if timeout is None else clock.now + max(0.0, timeout)
+            while not pred():
+                t = clock.peek_time()
+                if t is None:
+                    if timeout is None:
+                        raise RuntimeError("virtual clock: nothing is left to run but the awaited "
+                                           "futures are not done")
+                    clock.advance_to(deadline)
+                    return False
+                if deadline is not None and t > deadline:
+                    clock.advance_to(deadline)
+                    return False
+                self._deliver(clock.pop()[2])
+            return True
+
+    def drain(self, timeout=None) -> bool:
+        return self.wait_until(lambda: self.clock.peek_time() is None, timeout)
+
+    def stop(self):
+        pass
+
+    def pending(self):
+        return [{"t_end": t, "seq": seq, "name": f.name, "island": f.island, "kind": f.kind,
+                 "t_start": f._t_start} for t, seq, f in self.clock.pending() if f._state < FINISHED]
