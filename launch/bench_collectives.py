@@ -39,6 +39,8 @@ flags.DEFINE_string("out", "", "also write the JSON here")
 flags.DEFINE_string("section", "", "run one section in this process (internal)")
 flags.DEFINE_list("sections", ["agmm", "allreduce", "step"], "sections to run")
 flags.DEFINE_integer("budget_s", 300, "wall-clock budget for all sections")
+flags.DEFINE_list("limits", ["agmm:170", "allreduce:150", "step:150"],
+                  "per-section time limits, name:seconds")
 flags.DEFINE_integer("agmm_size", 4096, "m = k = n per shard")
 flags.DEFINE_list("ar_mib", ["64", "256", "1024"], "all-reduce sizes, MiB/device")
 flags.DEFINE_list("step_tokens", ["2048", "8192"], "tokens per device per step")
@@ -47,7 +49,6 @@ flags.DEFINE_integer("step_layers", 4, "MLP blocks")
 flags.DEFINE_bool("quick", False, "tiny sizes (CPU smoke test)")
 FLAGS = flags.FLAGS
 
-SECTION_LIMIT_S = {"agmm": 170, "allreduce": 150, "step": 150}
 
 
 # ------------------------------------------------------------------ helpers
@@ -144,7 +145,6 @@ def section_agmm(res):
       "m128n128k64s4_N4_wgN": C(),
       "m128n128k64s4_M8_wgM": C(grid_minor_dim="M", grid_tile_width=8,
                                 wg_dimension="M"),
-      "m128n64k64s4_N16_wgN": C(tile_n=64, grid_tile_width=16),
       "m128n128k64s3_N8_wgN": C(max_concurrent_steps=3, grid_tile_width=8),
   }
   res["pallas"] = {}
@@ -233,11 +233,11 @@ def section_allreduce(res):
     if not ok:
       r["pallas"] = f"skipped: {why}"
       continue
-    for ctas in (132, 264):
-      key = f"pallas_ctas{ctas}"
+    for ctas, vec in ((132, 4), (264, 4), (264, 8)):
+      key = f"pallas_ctas{ctas}_vec{vec}"
       try:
-        fn = _smap(lambda v, c=ctas: pallas_gpu.all_reduce(v, "x", max_ctas=c),
-                   mesh, P("x"), P("x"))
+        fn = _smap(lambda v, c=ctas, e=vec: pallas_gpu.all_reduce(
+            v, "x", max_ctas=c, vec=e), mesh, P("x"), P("x"))
         err = max_rel_err(fn(x), want)
         t = timeit(fn, x)[0]
         r[key] = {"ms": t * 1e3, "busbw_GBps": nbytes * factor / t / 1e9,
@@ -379,7 +379,8 @@ def main(argv):
     if left < 30:
       results[name] = {"skipped": f"time budget ({FLAGS.budget_s} s) spent"}
       continue
-    limit = min(SECTION_LIMIT_S[name], left)
+    limits = {k: float(v) for k, v in (a.split(":") for a in FLAGS.limits)}
+    limit = min(limits.get(name, 150), left)
     env = dict(os.environ, NCCL_NVLS_ENABLE="0")
     if name == "step":
       env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +

@@ -82,10 +82,26 @@ def _check_options(direction, num_chunks):
     raise ValueError(f"num_chunks={num_chunks!r} must be a positive int")
 
 
+def _varying_axes(x) -> frozenset:
+  """Mesh axes x varies over, as tracked by shard_map(check_vma=True)."""
+  try:
+    t = jax.typeof(x)
+  except (TypeError, AttributeError):
+    return frozenset()
+  for attr in ("manual_axis_type", "mat"):
+    mat = getattr(t, attr, None)
+    if mat is not None and hasattr(mat, "varying"):
+      return frozenset(mat.varying)
+  return frozenset(getattr(t, "vma", None) or ())
+
+
 def _pallas_reason(op: str, x, w, axis_name, interpret) -> tuple[str, str]:
   """(backend, '') if a Pallas kernel can run, else ('', why not)."""
   if not isinstance(axis_name, str):
     return "", f"the Pallas kernels take one axis name, got {axis_name!r}"
+  if any(_varying_axes(a) for a in (x, w) if a is not None):
+    return "", ("the Pallas kernels need shard_map(..., check_vma=False) "
+                "(their outputs carry no varying-axes types)")
   for a in (x, w):
     if a is not None and jnp.dtype(a.dtype) not in PALLAS_DTYPES:
       return "", (f"dtype {a.dtype} is not supported by the Pallas kernels "

@@ -80,7 +80,8 @@ def _mod(v, n):
   return lax.rem(v + 4 * n, n)
 
 
-def _ring_body(*refs, mode, axis_name, n, tpc, directions, wire_dtype):
+def _ring_body(*refs, mode, axis_name, n, tpc, directions, wire_dtype, tile,
+               vec):
   import jax.experimental.pallas as pl
   from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -101,7 +102,7 @@ def _ring_body(*refs, mode, axis_name, n, tpc, directions, wire_dtype):
   to = {axis_name: _mod(i + sigma, n)}
   frm = {axis_name: _mod(i - sigma, n)}
   ready, rs_sem, ag_sem = sems.at[0], sems.at[1], sems.at[2]
-  lay = plgpu.Layout.WG_STRIDED((TILE,), vec_size=VEC)
+  lay = plgpu.Layout.WG_STRIDED((tile,), vec_size=vec)
 
   def load(ref):
     return plgpu.load(ref, layout=lay)
@@ -168,15 +169,15 @@ def _ring_body(*refs, mode, axis_name, n, tpc, directions, wire_dtype):
   pl.semaphore_wait(ag_sem, 1)
 
 
-def _ring_geometry(block_elems: int, max_ctas: int):
-  """CTAs and tiles per CTA so that one block = ctas * tpc * TILE (padded)."""
-  tiles = max(1, -(-block_elems // TILE))
+def _ring_geometry(block_elems: int, max_ctas: int, tile: int = TILE):
+  """CTAs and tiles per CTA so that one block = ctas * tpc * tile (padded)."""
+  tiles = max(1, -(-block_elems // tile))
   ctas = max(1, min(max_ctas, tiles))
   tpc = -(-tiles // ctas)
   return ctas, tpc
 
 
-def _ring_call(x_blocks, *, mode, axis_name, n, ctas, tpc, directions):
+def _ring_call(x_blocks, *, mode, axis_name, n, ctas, tpc, directions, vec):
   from jax.experimental.pallas import mosaic_gpu as plgpu
   dtype = x_blocks.dtype
   wire = dtype if n == 2 else jnp.float32
@@ -189,7 +190,8 @@ def _ring_call(x_blocks, *, mode, axis_name, n, ctas, tpc, directions):
   else:
     out_type = jax.ShapeDtypeStruct((n, *x_blocks.shape), dtype)
   body = functools.partial(_ring_body, mode=mode, axis_name=axis_name, n=n,
-                           tpc=tpc, directions=directions, wire_dtype=wire)
+                           tpc=tpc, directions=directions, wire_dtype=wire,
+                           tile=x_blocks.shape[-1], vec=vec)
   out = plgpu.kernel(
       body,
       out_type=out_type,
@@ -201,35 +203,39 @@ def _ring_call(x_blocks, *, mode, axis_name, n, ctas, tpc, directions):
   return out[0] if mode in ("ar", "rs") else out
 
 
-def _block_view(flat_NxL, ctas, tpc):
-  """(N, L) -> (N, ctas*tpc, TILE), zero-padded."""
+def _block_view(flat_NxL, ctas, tpc, tile):
+  """(N, L) -> (N, ctas*tpc, tile), zero-padded."""
   n, length = flat_NxL.shape
-  lp = ctas * tpc * TILE
+  lp = ctas * tpc * tile
   if lp != length:
     flat_NxL = jnp.pad(flat_NxL, ((0, 0), (0, lp - length)))
-  return flat_NxL.reshape(n, ctas * tpc, TILE)
+  return flat_NxL.reshape(n, ctas * tpc, tile)
 
 
-def all_reduce(x, axis_name, *, direction="both", max_ctas=DEFAULT_CTAS):
+def all_reduce(x, axis_name, *, direction="both", max_ctas=DEFAULT_CTAS,
+               tile=TILE, vec=VEC):
+  """psum(x) by the ring kernel; any shape, float32/bfloat16/float16."""
   n = lax.axis_size(axis_name)
   if n == 1:
     return x
   dirs = layout.ring_dirs(direction)
   length = x.size
   block = -(-length // n)
-  ctas, tpc = _ring_geometry(block, max_ctas)
+  ctas, tpc = _ring_geometry(block, max_ctas, tile)
   flat = x.reshape(-1)
-  total = n * ctas * tpc * TILE
+  total = n * ctas * tpc * tile
   if total != length:
     flat = jnp.pad(flat, (0, total - length))
-  xb = flat.reshape(n, ctas * tpc, TILE)
+  xb = flat.reshape(n, ctas * tpc, tile)
   out = _ring_call(xb, mode="ar", axis_name=axis_name, n=n, ctas=ctas,
-                   tpc=tpc, directions=dirs)
+                   tpc=tpc, directions=dirs, vec=vec)
   out = out.reshape(-1)
   return (out if total == length else out[:length]).reshape(x.shape)
 
 
-def reduce_scatter(x, axis_name, *, direction="both", max_ctas=DEFAULT_CTAS):
+def reduce_scatter(x, axis_name, *, direction="both", max_ctas=DEFAULT_CTAS,
+                   tile=TILE, vec=VEC):
+  """psum_scatter(x, tiled=True) over rows by the ring kernel."""
   n = lax.axis_size(axis_name)
   if n == 1:
     return x
@@ -237,23 +243,25 @@ def reduce_scatter(x, axis_name, *, direction="both", max_ctas=DEFAULT_CTAS):
   m = x.shape[0] // n
   x_NxL = x.reshape(n, -1)
   block = x_NxL.shape[1]
-  ctas, tpc = _ring_geometry(block, max_ctas)
-  out = _ring_call(_block_view(x_NxL, ctas, tpc), mode="rs",
+  ctas, tpc = _ring_geometry(block, max_ctas, tile)
+  out = _ring_call(_block_view(x_NxL, ctas, tpc, tile), mode="rs",
                    axis_name=axis_name, n=n, ctas=ctas, tpc=tpc,
-                   directions=dirs)
+                   directions=dirs, vec=vec)
   return out.reshape(-1)[:block].reshape(m, *x.shape[1:])
 
 
-def all_gather(x, axis_name, *, direction="both", max_ctas=DEFAULT_CTAS):
+def all_gather(x, axis_name, *, direction="both", max_ctas=DEFAULT_CTAS,
+               tile=TILE, vec=VEC):
+  """all_gather(x, tiled=True) over rows by the ring kernel."""
   n = lax.axis_size(axis_name)
   if n == 1:
     return x
   dirs = layout.ring_dirs(direction)
   block = x.size
-  ctas, tpc = _ring_geometry(block, max_ctas)
-  xb = _block_view(x.reshape(1, -1), ctas, tpc)[0]
+  ctas, tpc = _ring_geometry(block, max_ctas, tile)
+  xb = _block_view(x.reshape(1, -1), ctas, tpc, tile)[0]
   out = _ring_call(xb, mode="ag", axis_name=axis_name, n=n, ctas=ctas,
-                   tpc=tpc, directions=dirs)
+                   tpc=tpc, directions=dirs, vec=vec)
   out = out.reshape(n, -1)[:, :block]
   return out.reshape(n * x.shape[0], *x.shape[1:])
 

@@ -213,6 +213,10 @@ def test_bad_inputs_raise_clear_errors():
   with pytest.raises(NotImplementedError, match="dtype int32"):
     _run(2, lambda v: coll.all_reduce(v.astype(jnp.int32), "x",
                                       implementation="pallas"), [x], [P("x")])
+  with pytest.raises(NotImplementedError, match="check_vma=False"):
+    jax.shard_map(lambda v: coll.all_reduce(v, "x", implementation="pallas"),
+                  mesh=_mesh(2), in_specs=P("x"), out_specs=P("x"))(
+                      jax.device_put(x, NamedSharding(_mesh(2), P("x"))))
   with pytest.raises(ValueError, match="direction="):
     _run(2, lambda v: coll.all_gather(v, "x", direction="up"), [x], [P("x")])
   with pytest.raises(ValueError, match="expects x"):
