@@ -2,8 +2,10 @@
 
     python launch/bench_checkpoint.py --gib=2 --out=/tmp/ckpt.json       # on a GPU
     python launch/bench_checkpoint.py --gib=0.25 --steps=200             # on a CPU
+    python launch/bench_checkpoint.py --config=configs/lm_125m.py        # a real LM's state and step
 
-Measured in one run on the same state (f32 leaves totalling --gib):
+Measured in one run on the same state (f32 leaves totalling --gib, or with
+--config the TrainState (params + AdamW moments) and train step of that model):
   sync_blocking_s          Checkpointer(async_save=False).save: the whole write
   async_blocking_s         Checkpointer(async_save=True).save: the caller's share only
   orbax_async_blocking_s   the peer: Orbax's own async CheckpointManager.save
@@ -30,6 +32,7 @@ flags.DEFINE_integer("matmul", 2048, "size of the matmuls that give the step its
 flags.DEFINE_integer("matmuls_per_step", 8, "matmuls per step")
 flags.DEFINE_integer("repeats", 3, "saves timed per variant (median reported)")
 flags.DEFINE_string("out", "", "also write the JSON here")
+flags.DEFINE_string("config", "", "a config file: bench its model's TrainState and step instead")
 FLAGS = flags.FLAGS
 
 
@@ -95,17 +98,37 @@ def steps_per_s(state, x, step_fn, steps, ck=None, every=0):
   return steps / elapsed, state
 
 
+def model_state_and_step(path):
+  """The TrainState and jitted train step of a config's model, with a random batch."""
+  import numpy as np
+  from models.config import ModelConfig
+  from pathways_lite import configuration
+  from pathways_lite import train as train_lib
+  config = configuration.load_config_file(path)
+  model_cfg = ModelConfig.from_dict(config.model)
+  opt = train_lib.make_optimizer(config.train)
+  state = train_lib.init_train_state(model_cfg, opt, 0, config.data.seq_len)
+  step = jax.jit(train_lib.make_train_step(model_cfg, opt), donate_argnums=0)
+  batch = jax.device_put(np.random.default_rng(0).integers(
+      0, 256, (config.data.batch_size, config.data.seq_len + 1), np.int32))
+  return state, batch, step
+
+
 def main(_):
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
   dev = jax.devices()[0]
-  state = make_state(FLAGS.gib, FLAGS.leaves)
-  x = jax.random.normal(jax.random.key(1), (FLAGS.matmul, FLAGS.matmul), jnp.float32) / FLAGS.matmul**0.5
+  if FLAGS.config:
+    state, x, step_fn = model_state_and_step(FLAGS.config)
+  else:
+    state = make_state(FLAGS.gib, FLAGS.leaves)
+    x = jax.random.normal(jax.random.key(1), (FLAGS.matmul, FLAGS.matmul), jnp.float32) / FLAGS.matmul**0.5
+    step_fn = make_step(FLAGS.matmul, FLAGS.matmuls_per_step)
+  state_gib = sum(a.nbytes for a in jax.tree.leaves(state)) / 2**30
   # Warm the snapshot's jitted copy and Orbax's code paths once.
   time_saves(ours(True), state, 1)
   sync_s = time_saves(ours(False), state, FLAGS.repeats)
   async_s = time_saves(ours(True), state, FLAGS.repeats)
   orbax_s = time_saves(orbax_async, state, FLAGS.repeats)
-  step_fn = make_step(FLAGS.matmul, FLAGS.matmuls_per_step)
   plain, state = steps_per_s(state, x, step_fn, FLAGS.steps)
   with tempfile.TemporaryDirectory() as d:
     ck = Checkpointer(d, SavePolicy(every_steps=FLAGS.every, keep=2))
@@ -114,7 +137,8 @@ def main(_):
   result = {
       "bench": "checkpoint", "device": dev.device_kind, "platform": dev.platform,
       "jax": jax.__version__, "orbax": ocp.__version__ if hasattr(ocp, "__version__") else "",
-      "state_gib": FLAGS.gib, "leaves": FLAGS.leaves,
+      "state_gib": state_gib, "leaves": len(jax.tree.leaves(state)),
+      "state": FLAGS.config or "synthetic",
       "sync_blocking_s": sync_s, "async_blocking_s": async_s, "orbax_async_blocking_s": orbax_s,
       "async_over_sync": async_s / sync_s, "orbax_async_over_sync": orbax_s / sync_s,
       "steps": FLAGS.steps, "save_every": FLAGS.every,

@@ -48,12 +48,15 @@ class SavePolicy:
   keep: keep the latest `keep` checkpoints ...
   keep_every: ... plus every step that is a multiple of `keep_every` (0: none).
   async_save: write on a background thread (False: save() returns when written).
+  compress: zstd-compress arrays (about 8% smaller for trained f32 weights, 2-3x slower
+            writes here); off by default so a write finishes within the save interval.
   """
   every_steps: int = 0
   every_secs: float = 0.0
   keep: int = 3
   keep_every: int = 0
   async_save: bool = True
+  compress: bool = False
 
   def __post_init__(self):
     for name in ("every_steps", "keep_every"):
@@ -128,7 +131,9 @@ class Checkpointer:
         cleanup_tmp_directories=True,
         create=True)
     self._manager = ocp.CheckpointManager(
-        self.directory, options=options, item_names=("arrays", "meta"))
+        self.directory, options=options,
+        item_handlers={"arrays": ocp.PyTreeCheckpointHandler(use_compression=policy.compress),
+                       "meta": ocp.JsonCheckpointHandler()})
     self._thread: threading.Thread | None = None
     self._error: BaseException | None = None
     self._last_save_time = time.monotonic()
@@ -177,7 +182,7 @@ class Checkpointer:
       self._manager.save(
           step,
           args=ocp.args.Composite(
-              arrays=ocp.args.StandardSave(snap), meta=ocp.args.JsonSave(meta)),
+              arrays=ocp.args.PyTreeSave(snap), meta=ocp.args.JsonSave(meta)),
           force=True)
       self._manager.wait_until_finished()
     except BaseException as e:  # reported on the caller's thread at the next call
@@ -223,9 +228,10 @@ class Checkpointer:
     failures = []
     for s in steps:
       try:
+        restore = (ocp.args.PyTreeRestore() if abstract is None else ocp.args.PyTreeRestore(
+            abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)))
         out = self._manager.restore(
-            s, args=ocp.args.Composite(
-                arrays=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+            s, args=ocp.args.Composite(arrays=restore, meta=ocp.args.JsonRestore()))
         arrays = out["arrays"]
         if like is not None and jax.tree.structure(arrays) != jax.tree.structure(like):
           raise CheckpointError(f"step {s} holds a different tree than the run's state")
