@@ -92,7 +92,9 @@ def nonfinite_reason(tree: PyTree) -> str | None:
 
 
 def tree_norm(tree: PyTree) -> jax.Array:
-  return optax.global_norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
+  """Global L2 norm in f32."""
+  leaves = jax.tree.leaves(tree)
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
 
 
 # --------------------------------------------------------------------------- outer optimizers
@@ -127,7 +129,7 @@ def outer_step(opt: optax.GradientTransformation, params: PyTree, opt_state: PyT
 # --------------------------------------------------------------------------- streaming
 def merge(local: PyTree, global_: PyTree, alpha: float) -> PyTree:
   """Streaming DiLoCo merge: alpha*local + (1-alpha)*global (alpha=0: replace by global)."""
-  if not 0.0 <= alpha <= 1.0:
+  if isinstance(alpha, (int, float)) and not 0.0 <= alpha <= 1.0:
     raise ValueError(f"outer.merge_alpha must be in [0, 1], got {alpha!r}")
   return jax.tree.map(
       lambda l, g: (alpha * l.astype(jnp.float32) + (1.0 - alpha) * g.astype(jnp.float32)).astype(l.dtype),

@@ -1,0 +1,129 @@
+"""DiLoCo (Douillard et al. 2023, arXiv 2311.08105) and Local-SGD / FedAvg, on the runtime.
+
+Every outer step t, each active worker w (its own island):
+  1. receives the global params theta (server -> worker, f32),
+  2. runs H inner steps from theta with its own inner optimizer (AdamW by
+     default; its state is never synced) on its own shard,
+  3. sends delta_w = theta - theta_w to the server (quantized with
+     outer.wire_dtype; accumulated in f32),
+and the server applies the outer optimizer to sum_w w_w delta_w, weights by
+shard tokens (non-iid) or uniform, over the deltas that were kept (random
+drops, outer.drop_prob) and finite (non-finite ones are rejected and logged,
+never applied). local_sgd is the same loop with outer SGD, lr 1 (FedAvg:
+theta <- the weighted mean of the workers' params).
+
+The whole step is enqueued as futures; the host reads step t-1's metrics
+after step t is dispatched. Elastic compute: outer.worker_schedule gives the
+number of active workers (the first n) for equal slices of training.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from pathways_lite.outer import rules
+from pathways_lite.outer.common import SERVER, Run, memo, outer_optimizer, wire, zeros_f32
+from pathways_lite.outer.inner import pick0, pick1, pick2, pick_delta, pick_state, pick_summary
+
+
+def make_outer_update(opt: optax.GradientTransformation):
+  """Jitted server step: (params, opt_state, deltas[M], weights[M], keep[M]) -> (params, opt_state, info).
+
+  Deltas that are dropped or non-finite get weight 0 (and are zeroed, so a NaN
+  never reaches the sum); the kept weights are renormalised to sum to 1. If
+  nothing is kept, params and optimizer state stay as they are.
+  """
+
+  def update(params, opt_state, deltas, weights, keep):
+    finite = jnp.stack([rules.tree_is_finite(d) for d in deltas])
+    ok = finite & keep
+    w = jnp.where(ok, weights, 0.0)
+    total = jnp.sum(w)
+    w = w / jnp.where(total > 0, total, 1.0)
+    clean = [jax.tree.map(lambda x, o=ok[i]: jnp.where(o, x, 0.0), d) for i, d in enumerate(deltas)]
+    delta = rules.weighted_sum(clean, [w[i] for i in range(len(deltas))])
+    new_p, new_s = rules.outer_step(opt, params, opt_state, delta)
+    applied = total > 0
+    new_p = jax.tree.map(lambda a, b: jnp.where(applied, a, b), new_p, params)
+    new_s = jax.tree.map(lambda a, b: jnp.where(applied, a, b), new_s, opt_state)
+    return new_p, new_s, {"finite": finite, "applied": applied, "delta_norm": rules.tree_norm(delta)}
+
+  return memo(("outer_update", opt), lambda: jax.jit(update))
+
+
+def active_workers(run: Run, t: int, num_outer: int) -> list[int]:
+  sched = run.ocfg.worker_schedule
+  if not sched:
+    return list(range(run.M))
+  n = sched[min(len(sched) - 1, t * len(sched) // num_outer)]
+  return list(range(n))
+
+
+def train(run: Run) -> dict:
+  """The DiLoCo / Local-SGD outer loop; returns the run summary."""
+  rt, inner, ocfg, M, H = run.rt, run.inner, run.ocfg, run.M, run.H
+  opt = run.outer_opt if ocfg.algorithm == "diloco" else outer_optimizer("sgd", 1.0, ocfg)
+  update = make_outer_update(opt)
+  opt_init = memo(("opt_init", opt), lambda: jax.jit(opt.init))
+  init = inner.init_state(run.seed)                         # every worker: the same seed
+  gp = rt.transfer(init.params, island=SERVER, name="init params")
+  ostate = rt.call(opt_init, gp, island=SERVER, cost=0, name="outer init")
+  ws = [rt.transfer(init, island=w, name=f"init {w}") for w in run.workers]
+  zeros = rt.call(zeros_f32, gp, island=SERVER, cost=0, name="zeros")
+  weights = np.asarray(run.weights, np.float32)
+  num_outer = math.ceil(run.total_steps / H)
+  run.evaluate(0, init.params)
+  pending = None
+  step = 0
+  for t in range(num_outer):
+    h = min(H, run.total_steps - t * H)
+    active = active_workers(run, t, num_outer)
+    keep = np.array([w in active for w in range(M)])
+    if ocfg.drop_prob > 0:
+      drop = run.rng.random(M) < ocfg.drop_prob
+      run.dropped += int(np.sum(drop & keep))
+      keep &= ~drop
+    deltas, summaries = [zeros] * M, {}
+    for w in active:
+      isl = run.workers[w]
+      start = rt.transfer(gp, island=isl, name=f"params->{isl}")
+      out = rt.call(inner.phase, ws[w], start, run.batches(w, h), island=isl, cost=h,
+                    name=f"phase {t}")
+      ws[w] = rt.call(pick_state, out, island=isl, cost=0, name="state")
+      d = rt.call(pick_delta, out, island=isl, cost=0, name="delta")
+      deltas[w] = rt.transfer(d, island=SERVER, wire_dtype=wire(ocfg), name=f"delta {w}")
+      summaries[w] = rt.call(pick_summary, out, island=isl, cost=0, name="summary")
+    upd = rt.call(update, gp, ostate, deltas, weights, keep, island=SERVER, cost=0,
+                  name=f"outer step {t}")
+    gp = rt.call(pick0, upd, island=SERVER, cost=0, name="global params")
+    ostate = rt.call(pick1, upd, island=SERVER, cost=0, name="outer state")
+    info = rt.call(pick2, upd, island=SERVER, cost=0, name="info")
+    step += h
+    if pending is not None:                 # step t-1's metrics, after step t is enqueued
+      _consume(run, *pending)
+    pending = (step, summaries, info, keep)
+    if run.eval_due(step):
+      _consume(run, *pending)
+      pending = None
+      run.evaluate(step, gp)
+  if pending is not None:
+    _consume(run, *pending)
+  run.state = {"arrays": {"global": {"params": gp, "opt_state": ostate}, "workers": ws},
+               "meta": run.meta(outer_step=num_outer, step=step)}
+  return run.summary(gp)
+
+
+def _consume(run: Run, step: int, summaries: dict, info, keep) -> None:
+  for w, s in summaries.items():
+    run.log_phase(step, w, s.result())
+  inf = jax.device_get(info.result())
+  for w in summaries:
+    if not inf["finite"][w]:
+      run.reject(step, w, "non-finite pseudo-gradient (NaN/Inf); not applied")
+  run.progress(step, {"outer/applied": float(inf["applied"]),
+                      "outer/workers": float(np.sum(keep)),
+                      "outer/delta_norm": float(inf["delta_norm"])})

@@ -1,0 +1,142 @@
+"""Overlapped outer steps: eager updates and naive delayed outer gradients (Kale et al. 2025,
+arXiv 2502.12996), on the runtime.
+
+The exchange of outer step t's pseudo-gradients overlaps the next d inner
+phases (d = outer.overlap_outer_steps). Every worker m keeps its own copy of
+the outer params theta_m and of the outer optimizer state (on its island):
+
+- eager:   theta_m <- OuterOpt(theta_m, w_m delta_m(t) + sum_{j!=m} w_j delta_j(t-d))
+           (its own fresh pseudo-gradient, no waiting, plus the others' that
+           arrived during the phases it overlapped);
+- delayed: theta_m <- OuterOpt(theta_m, sum_j w_j delta_j(t-d))  (all identical).
+
+The server only reduces: for eager it returns, for each m, the exclusive sum
+sum_{j!=m} w_j delta_j (in worker order), for delayed the full sum; both
+travel quantized (outer.wire_dtype) like the deltas. Until t >= d the delayed
+term is zero. With d = 0 the worker waits for the fresh exchange, and both
+modes are synchronous DiLoCo (each worker then applies the same average).
+Non-finite deltas count as zero (and are logged), here without re-weighting.
+The global model reported (evaluated) is the mean of the workers' theta_m.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pathways_lite.outer import rules
+from pathways_lite.outer.common import SERVER, Run, memo, wire, zeros_f32
+from pathways_lite.outer.inner import pick0, pick1, pick2, pick_params
+
+
+def make_exchange(M: int, eager: bool):
+  def exchange(deltas, weights):
+    finite = jnp.stack([rules.tree_is_finite(d) for d in deltas])
+    clean = [jax.tree.map(lambda x, o=finite[i]: jnp.where(o, x, 0.0), d) for i, d in enumerate(deltas)]
+    if not eager:
+      return [rules.weighted_sum(clean, [weights[j] for j in range(M)])], finite
+    outs = []
+    for m in range(M):
+      others = [j for j in range(M) if j != m]
+      if not others:
+        outs.append(jax.tree.map(jnp.zeros_like, clean[m]))
+      else:
+        outs.append(rules.weighted_sum([clean[j] for j in others], [weights[j] for j in others]))
+    return outs, finite
+  return memo(("exchange", M, eager), lambda: jax.jit(exchange))
+
+
+def make_worker_update(opt, eager: bool):
+  def update(theta, opt_state, own, other, w_own):
+    if eager:
+      ok = rules.tree_is_finite(own)
+      g = jax.tree.map(lambda a, b: jnp.where(ok, w_own * a, 0.0) + b, own, other)
+    else:
+      g = other
+    return rules.outer_step(opt, theta, opt_state, g)
+  return memo(("eager_update", opt, eager), lambda: jax.jit(update))
+
+
+def _pick_i(i: int):
+  return memo(("pick_list", i), lambda: jax.jit(lambda out: out[0][i]))
+
+
+def train(run: Run) -> dict:
+  rt, inner, ocfg, M, H = run.rt, run.inner, run.ocfg, run.M, run.H
+  eager, d = ocfg.eager_mode == "eager", ocfg.overlap_outer_steps
+  opt = run.outer_opt
+  exchange, update = make_exchange(M, eager), make_worker_update(opt, eager)
+  opt_init = memo(("opt_init", opt), lambda: jax.jit(opt.init))
+  init = inner.init_state(run.seed)
+  ts = [rt.transfer(init, island=w, name=f"init {w}") for w in run.workers]
+  theta = [rt.call(pick_params, t, island=w, cost=0) for t, w in zip(ts, run.workers)]
+  ostate = [rt.call(opt_init, th, island=w, cost=0, name="outer init")
+            for th, w in zip(theta, run.workers)]
+  zeros = [rt.call(zeros_f32, th, island=w, cost=0, name="zeros") for th, w in zip(theta, run.workers)]
+  arrived: list[list] = [[] for _ in range(M)]   # arrived[m][t]: what worker m got for step t
+  weights = np.asarray(run.weights, np.float32)
+  num_outer = math.ceil(run.total_steps / H)
+  run.evaluate(0, init.params)
+  pending, step = None, 0
+  for t in range(num_outer):
+    h = min(H, run.total_steps - t * H)
+    own, ups, summaries = [], [], {}
+    for m, isl in enumerate(run.workers):
+      out = rt.call(inner.phase, ts[m], theta[m], run.batches(m, h), island=isl, cost=h,
+                    name=f"phase {t}")
+      ts[m] = rt.call(pick0, out, island=isl, cost=0, name="state")
+      own.append(rt.call(pick1, out, island=isl, cost=0, name="delta"))
+      summaries[m] = rt.call(pick2, out, island=isl, cost=0, name="summary")
+      ups.append(rt.transfer(own[m], island=SERVER, wire_dtype=wire(ocfg), name=f"delta {m}"))
+    ex = rt.call(exchange, ups, weights, island=SERVER, cost=0, name=f"exchange {t}")
+    for m, isl in enumerate(run.workers):
+      part = rt.call(_pick_i(m if eager else 0), ex, island=SERVER, cost=0, name=f"for {isl}")
+      arrived[m].append(rt.transfer(part, island=isl, wire_dtype=wire(ocfg), name=f"sum->{isl}"))
+    for m, isl in enumerate(run.workers):
+      other = arrived[m][t - d] if t >= d else zeros[m]
+      upd = rt.call(update, theta[m], ostate[m], own[m], other, float(weights[m]), island=isl,
+                    cost=0, name=f"outer step {t}")
+      theta[m] = rt.call(pick0, upd, island=isl, cost=0, name="theta")
+      ostate[m] = rt.call(pick1, upd, island=isl, cost=0, name="outer state")
+      if t >= d:
+        arrived[m][t - d] = None                  # consumed: let it go
+    info = rt.call(pick1, ex, island=SERVER, cost=0, name="finite")
+    step += h
+    if pending is not None:
+      _consume(run, *pending)
+    pending = (step, summaries, info)
+    if run.eval_due(step):
+      _consume(run, *pending)
+      pending = None
+      run.evaluate(step, consensus(theta))
+  if pending is not None:
+    _consume(run, *pending)
+  final = consensus(theta)
+  run.state = {"arrays": {"workers": ts, "theta": theta, "outer_opt_state": ostate,
+                          "in_flight": [[a for a in arr if a is not None] for arr in arrived]},
+               "meta": run.meta(outer_step=num_outer, step=step, overlap_outer_steps=d)}
+  return run.summary(final)
+
+
+def consensus(theta) -> dict:
+  """The mean of the workers' outer params (host arrays); identical copies stay bitwise equal."""
+  vals = [jax.device_get(t.result()) for t in theta]
+  if all(_equal(vals[0], v) for v in vals[1:]):
+    return vals[0]
+  return jax.tree.map(lambda *xs: np.mean(np.stack(xs), axis=0), *vals)
+
+
+def _equal(a, b) -> bool:
+  return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def _consume(run: Run, step: int, summaries: dict, info) -> None:
+  for m, s in summaries.items():
+    run.log_phase(step, m, s.result())
+  finite = jax.device_get(info.result())
+  for m in summaries:
+    if not finite[m]:
+      run.reject(step, m, "non-finite pseudo-gradient (NaN/Inf); counted as zero")
+  run.progress(step)
