@@ -11,6 +11,7 @@ checkpoint (placeholders, filled by the runtime and checkpoint modules).
 import ml_collections
 
 from models.config import ModelConfig
+from pathways_lite.outer.config import OuterConfig
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -41,9 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.eval_batches = 8
   c.train.log_every = 10
 
-  c.outer = ml_collections.ConfigDict()
-  c.outer.algorithm = "single"
-  c.outer.num_workers = 1
+  c.outer = ml_collections.ConfigDict(OuterConfig().to_dict())  # fields: pathways_lite/outer/config.py
 
   c.runtime = ml_collections.ConfigDict()
   c.checkpoint = ml_collections.ConfigDict()

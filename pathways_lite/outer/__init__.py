@@ -6,9 +6,20 @@
 Modules: config (OuterConfig, the `outer` config section), rules (pure update
 rules), fragments (streaming fragments), inner (jitted inner phases), common
 (the run context: islands, runtime, data, logging, state), one module per
-algorithm, run (the entry), report (plots and tables).
+algorithm, driver (the entry), report (plots and tables).
 """
 from pathways_lite.outer.config import ALGORITHMS, OuterConfig
-from pathways_lite.outer.run import run, run_with_state
 
 __all__ = ["ALGORITHMS", "OuterConfig", "run", "run_with_state"]
+
+
+def run(config, workdir, devices=None) -> dict:
+  """Runs config.outer.algorithm (see driver.py); returns the summary dict."""
+  from pathways_lite.outer import driver  # lazy: configs/base.py imports this package
+  return driver.run(config, workdir, devices)
+
+
+def run_with_state(config, workdir, devices=None):
+  """Like `run`, also returning the finished Run (its `.state`: final arrays + meta)."""
+  from pathways_lite.outer import driver
+  return driver.run_with_state(config, workdir, devices)

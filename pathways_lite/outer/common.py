@@ -206,13 +206,16 @@ class Run:
       final_params = final_params.result()
     last = self.evals[-1] if self.evals else self.evaluate(self.total_steps, final_params)
     train = list(self.last_train.values())
-    out = {"config_name": self.config.name, "algorithm": self.ocfg.algorithm,
+    wall = time.time() - self.t_start
+    out = {"config_name": self.config.name, "workdir": self.workdir,
+           "algorithm": self.ocfg.algorithm,
            "num_workers": self.M, "inner_steps": self.H, "steps": self.total_steps,
            "tokens": self.tokens, "param_count": model_utils.param_count(final_params),
            "final_train_loss": float(np.mean(train)) if train else None,
            "final_val_loss": last["loss"],
            "final_val_perplexity": last["perplexity"], "sim_time_s": self.rt.now(),
-           "bytes": self.rt.links.bytes_sent(), "wall_time_s": time.time() - self.t_start,
+           "bytes": self.rt.links.bytes_sent(), "wall_time_s": wall,
+           "tokens_per_s": self.tokens / wall,
            "rejected": len(self.rejected), "dropped": self.dropped,
            "clock": self.ocfg.clock, "device": str(jax.devices()[0].device_kind)}
     out.update(extra)
