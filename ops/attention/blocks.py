@@ -35,6 +35,7 @@ class GpuBlocks:
   bwd_block_q: int    # query rows per step, dK/dV kernel; per warpgroup, dQ kernel
   bwd_block_kv: int   # key rows per warpgroup, dK/dV kernel; per step, dQ kernel
   bwd_stages: int
+  overlap: int = 0    # 1: FA3 intra-warpgroup overlap in the forward (stages >= 2)
 
 
 def tpu_blocks(q_len: int, kv_len: int, head_dim: int, causal: bool) -> TpuBlocks:

@@ -180,6 +180,7 @@ def _forward(q, k, v, q_ids, kv_ids, *, causal, scale, kv_len, cfg, interpret):
   n_tiles = Tp // (2 * bq)
   has_seg = q_ids is not None
   full_kv = kv_len // bkv          # key blocks with no padded key
+  overlap = bool(cfg.overlap) and stages >= 2
   c = scale * LOG2E
   mma = _MMA(interpret)
 
@@ -236,8 +237,110 @@ def _forward(q, k, v, q_ids, kv_ids, *, causal, scale, kv_len, cfg, interpret):
       l = _row(jnp.zeros((bq,), jnp.float32))
       acc = _wgmma_zeros((bq, D))
 
+      def mask_scores(s, j, slot):
+        mask = None
+        cols = j * bkv + _iota((bq, bkv), 1)
+        if causal:
+          rows = q_base + _iota((bq, bkv), 0)
+          mask = rows >= cols
+        if kv_len != Sp:
+          in_len = cols < kv_len
+          mask = in_len if mask is None else mask & in_len
+        if has_seg:
+          plgpu.barrier_wait(ks_bar.at[slot])
+          kseg = plgpu.load(ks_smem.at[slot], layout=_col_layout())
+          same = _bcast(qseg, (bq, bkv), 0) == _bcast(kseg, (bq, bkv), 1)
+          mask = same if mask is None else mask & same
+        return s if mask is None else jnp.where(mask, s, -jnp.inf)
+
+      def softmax(s, m, l):
+        m_new = jnp.maximum(m, s.max(axis=1) * c)
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.exp2(s * c - _bcast(m_new, (bq, bkv), 0))
+        l = l * alpha + p.sum(axis=1)
+        return m_new, l, p.astype(dtype), alpha
+
       plgpu.barrier_wait(k_bar.at[0])
       pl.when(wg == 1)(lambda: _sched_sync(sched))
+
+      def overlap_loop(m, l):
+        """FA3 intra-warpgroup overlap: step j issues S_j = Q K_j^T and
+        O += P_{j-1} V_{j-1} together, and does softmax(S_j) while the PV
+        wgmma runs; O lives in one accumulator for the whole loop and is
+        rescaled by alpha_j once PV_{j-1} lands (needs stages >= 2)."""
+        any_mask = causal or has_seg or kv_len != Sp
+        # step 0 (masked whenever any mask exists: n_plain may be 0 here)
+        s0 = mma.fresh([(bq, bkv)], [(qw, k_smem.at[0], True)])[0]
+        _sched_sync(sched)
+        plgpu.barrier_arrive(k_cons.at[0])
+        if any_mask:
+          s0 = mask_scores(s0, 0, 0)
+        m, l, p16, _ = softmax(s0, m, l)
+        _sched_sync(sched)
+
+        def step_interpret(j, carry, masked):
+          o, m, l, p16_prev = carry
+          slot, prev = lax.rem(j, stages), lax.rem(j - 1, stages)
+          plgpu.barrier_wait(k_bar.at[slot])
+          plgpu.barrier_wait(v_bar.at[prev])
+          s = mma.fresh([(bq, bkv)], [(qw, k_smem.at[slot], True)])[0]
+          pv = mma.fresh([(bq, D)], [(p16_prev, v_smem.at[prev], False)])[0]
+          _sched_sync(sched)
+          plgpu.barrier_arrive(k_cons.at[slot])
+          if masked:
+            s = mask_scores(s, j, slot)
+          m, l, p16, alpha = softmax(s, m, l)
+          plgpu.barrier_arrive(sched)
+          plgpu.barrier_arrive(v_cons.at[prev])
+          o = (o + pv) * _bcast(alpha, (bq, D), 0)
+          plgpu.barrier_wait(sched)
+          return o, m, l, p16
+
+        def run_steps(step_fn, carry):
+          lo = max(n_plain, 1) if isinstance(n_plain, int) else jnp.maximum(n_plain, 1)
+          carry = lax.fori_loop(1, lo, functools.partial(step_fn, masked=False), carry)
+          return lax.fori_loop(lo, steps, functools.partial(step_fn, masked=True), carry)
+
+        last = lax.rem(steps - 1, stages)
+        if interpret:
+          o = jnp.zeros((bq, D), jnp.float32)
+          o, m, l, p16 = run_steps(step_interpret, (o, m, l, p16))
+          plgpu.barrier_wait(v_bar.at[last])
+          o = o + mma.fresh([(bq, D)], [(p16, v_smem.at[last], False)])[0]
+          plgpu.barrier_arrive(v_cons.at[last])
+          return o, m, l
+
+        def with_o(o_ref):
+          def step_hw(j, carry, masked):
+            m, l, p16_prev = carry
+            slot, prev = lax.rem(j, stages), lax.rem(j - 1, stages)
+            plgpu.barrier_wait(k_bar.at[slot])
+            plgpu.barrier_wait(v_bar.at[prev])
+
+            def inner(s_ref):
+              plgpu.wgmma(s_ref, qw, _transposed(k_smem.at[slot]))
+              plgpu.wgmma(o_ref, p16_prev, v_smem.at[prev])
+              _sched_sync(sched)
+              s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)
+              plgpu.barrier_arrive(k_cons.at[slot])
+              if masked:
+                s = mask_scores(s, j, slot)
+              m_new, l_new, p16, alpha = softmax(s, m, l)
+              plgpu.barrier_arrive(sched)
+              o = plgpu.wgmma_accumulator_load(o_ref, wait_n=0)
+              plgpu.barrier_arrive(v_cons.at[prev])
+              o_ref[...] = o * _bcast(alpha, (bq, D), 0)
+              plgpu.barrier_wait(sched)
+              return m_new, l_new, p16
+            return pl.run_scoped(inner, plgpu.ACC((bq, bkv), jnp.float32))
+
+          m_, l_, p16_ = run_steps(step_hw, (m, l, p16))
+          plgpu.barrier_wait(v_bar.at[last])
+          plgpu.wgmma(o_ref, p16_, v_smem.at[last])
+          o = o_ref[...]
+          plgpu.barrier_arrive(v_cons.at[last])
+          return o, m_, l_
+        return pl.run_scoped(with_o, plgpu.ACC((bq, D), jnp.float32))
 
       def step(j, carry, masked):
         acc, m, l = carry
@@ -253,21 +356,7 @@ def _forward(q, k, v, q_ids, kv_ids, *, causal, scale, kv_len, cfg, interpret):
           s = pl.run_scoped(qk, plgpu.ACC((bq, bkv), jnp.float32))
         plgpu.barrier_arrive(k_cons.at[slot])
         if masked:
-          mask = None
-          cols = j * bkv + _iota((bq, bkv), 1)
-          if causal:
-            rows = q_base + _iota((bq, bkv), 0)
-            mask = rows >= cols
-          if kv_len != Sp:
-            in_len = cols < kv_len
-            mask = in_len if mask is None else mask & in_len
-          if has_seg:
-            plgpu.barrier_wait(ks_bar.at[slot])
-            kseg = plgpu.load(ks_smem.at[slot], layout=_col_layout())
-            same = _bcast(qseg, (bq, bkv), 0) == _bcast(kseg, (bq, bkv), 1)
-            mask = same if mask is None else mask & same
-          if mask is not None:
-            s = jnp.where(mask, s, -jnp.inf)
+          s = mask_scores(s, j, slot)
         m_new = jnp.maximum(m, s.max(axis=1) * c)
         alpha = jnp.exp2(m - m_new)
         p = jnp.exp2(s * c - _bcast(m_new, (bq, bkv), 0))
@@ -296,10 +385,13 @@ def _forward(q, k, v, q_ids, kv_ids, *, causal, scale, kv_len, cfg, interpret):
         plgpu.barrier_arrive(v_cons.at[slot])
         return acc, m_new, l
 
-      carry = (acc, m, l)
-      carry = lax.fori_loop(0, n_plain, functools.partial(step, masked=False), carry)
-      carry = lax.fori_loop(n_plain, steps, functools.partial(step, masked=True), carry)
-      acc, m, l = carry
+      if overlap:
+        acc, m, l = overlap_loop(m, l)
+      else:
+        carry = (acc, m, l)
+        carry = lax.fori_loop(0, n_plain, functools.partial(step, masked=False), carry)
+        carry = lax.fori_loop(n_plain, steps, functools.partial(step, masked=True), carry)
+        acc, m, l = carry
       if causal:
         # Steps the other consumer still runs: observe each load and free
         # the slot (waiting first keeps this WG from arriving ahead of the

@@ -25,6 +25,8 @@ SMALL = blocks.GpuBlocks(block_q=64, block_kv=64, stages=2, bwd_block_q=64,
                          bwd_block_kv=64, bwd_stages=2)
 ONE_STAGE = blocks.GpuBlocks(64, 64, 1, 64, 64, 1)
 THREE_STAGES = blocks.GpuBlocks(64, 128, 3, 64, 64, 3)
+OVERLAP = blocks.GpuBlocks(64, 64, 2, 64, 64, 2, overlap=1)
+OVERLAP_WIDE = blocks.GpuBlocks(64, 128, 2, 64, 64, 2, overlap=1)
 
 needs_interpreter = pytest.mark.skipif(
     not hasattr(plgpu, "InterpretGPUParams"),
@@ -40,6 +42,11 @@ CASES = {
                                        THREE_STAGES),
     "bf16_d128_causal_padded": (1, 100, 100, 1, 1, 128, BF16, True, None, None, SMALL),
     "bf16_d256": (1, 128, 128, 1, 1, 256, BF16, False, None, None, ONE_STAGE),
+    "overlap_bf16_causal_segments": (1, 256, 256, 2, 1, 64, BF16, True, "self", None,
+                                     OVERLAP),
+    "overlap_f16_padded_one_step": (1, 100, 100, 1, 1, 64, F16, True, None, None,
+                                    OVERLAP_WIDE),
+    "overlap_bf16_noncausal": (1, 128, 256, 1, 1, 64, BF16, False, None, None, OVERLAP),
 }
 
 
