@@ -1,0 +1,675 @@
+"""RayRuntime: the single controller over islands hosted by Ray actors (see ``ray_islands``)."""
+from __future__ import annotations
+
+import collections
+import functools
+import itertools
+import logging
+import math
+import threading
+import time
+import weakref
+
+import jax
+import numpy as np
+from jax.sharding import PartitionSpec
+
+from pathways_lite import network
+from pathways_lite.clock import RealClock, make_clock
+from pathways_lite.futures import FINISHED, Future
+from pathways_lite.network import Link, LinkModel
+from pathways_lite.ray_actor import DependencyFailed, IslandActor, Ref, SourceLost
+from pathways_lite.ray_engine import Membership, RayRealEngine, RayTrace, RayVirtualEngine
+from pathways_lite.ray_islands import (IslandLost, IslandStartError, RayIsland, _Failed, _fn_name, _GangFn,
+                                       _Index, _Island, _RayFuture, _repo_pythonpath, check_address)
+
+log = logging.getLogger(__name__)
+_FREE_BATCH = 256
+
+
+def _akey(aval):
+    leaves, tdef = jax.tree_util.tree_flatten(aval)
+    return (tdef, tuple((tuple(x.shape), x.dtype, getattr(x, "weak_type", False)) for x in leaves))
+
+
+@functools.lru_cache(maxsize=None)
+def _actor_class():
+    import ray
+    return ray.remote(IslandActor)
+
+
+class RayRuntime:
+    """The controller of Ray-hosted islands; the API of ``pathways_lite.runtime.Runtime``."""
+
+    def __init__(self, islands, *, clock="real", links: LinkModel | None = None, trace: bool = True,
+                 address: str | None = None, start_timeout_s: float = 120.0, inline_bytes: int = 1 << 16,
+                 runtime_env: dict | None = None, init_kwargs: dict | None = None):
+        import ray
+        clock_arg = clock
+        specs = [RayIsland(i) if isinstance(i, str) else i for i in list(islands)]
+        if not specs or not all(isinstance(s, RayIsland) for s in specs):
+            raise ValueError(f"RayRuntime needs a non-empty list of RayIsland (or names), got {islands!r}")
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"RayRuntime: island names must be distinct, got {names}")
+        if not (isinstance(start_timeout_s, (int, float)) and start_timeout_s > 0):
+            raise ValueError(f"RayRuntime: start_timeout_s must be a number > 0, got {start_timeout_s!r}")
+        self.islands = tuple(specs)
+        clock = make_clock(clock)   # validated now; a "real" clock restarts once the islands are up
+        self.virtual = clock.kind == "virtual"
+        if self.virtual:
+            clock.validate(names)
+        links = LinkModel() if links is None else links
+        if not isinstance(links, LinkModel):
+            raise TypeError(f"RayRuntime: links must be a LinkModel or None, got {type(links).__name__}")
+        links.validate(names)
+        self.links = links
+        self.trace = RayTrace(names) if trace else None
+        self.inline_bytes = int(inline_bytes)
+        self.start_timeout_s = float(start_timeout_s)
+        self.membership: list[Membership] = []
+        self._listeners = []
+        self._lock = threading.RLock()
+        self._keys = itertools.count(1)
+        self._fids = itertools.count(1)
+        self._fn_ids, self._fn_refs, self._shapes = {}, {}, {}
+        self._gang_fns, self._index_fns = {}, {}
+        self._gang_seq = itertools.count()
+        self._frees: list = []
+        self._link_seq: dict = {}
+        self._closed = False
+        self._owns_ray = False
+        self._runtime_env = runtime_env
+        if not ray.is_initialized():
+            if address:
+                check_address(address)
+                ray.init(address=address, **(init_kwargs or {}))
+            else:
+                ray.init(address="local", include_dashboard=False, **(init_kwargs or {}))
+                self._owns_ray = True
+        self._pythonpath = _repo_pythonpath()
+        self._st = {s.name: _Island(s) for s in specs}
+        try:
+            self._check_resources(specs)
+            started = {n: self._spawn(st.spec) for n, st in self._st.items()}
+            infos = self._await_start(started)
+        except BaseException:
+            self._kill_all()
+            if self._owns_ray:
+                ray.shutdown()
+            raise
+        if clock_arg == "real":
+            clock = RealClock()
+        self.clock = clock
+        engine_cls = RayVirtualEngine if self.virtual else RayRealEngine
+        self._engine = engine_cls(clock, self.trace, self._on_done)
+        self._wall0 = time.time() - (0.0 if self.virtual else clock.now())
+        for n, st in self._st.items():
+            st.actor, st.info, st.alive = started[n][0], infos[n], True
+            self._record(n, "joined", 0, "start")
+
+    # -- public API ----------------------------------------------------------------------------
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
+
+    def now(self) -> float:
+        return self._engine.now()
+
+    def island(self, name) -> RayIsland:
+        st = self._st.get(name)
+        if st is None:
+            raise ValueError(self._unknown(name))
+        return st.spec
+
+    def island_info(self, name) -> dict:
+        """The current actor of ``name``: pid, host, platform, devices, jax version."""
+        return dict(self._st[self.island(name).name].info)
+
+    def alive_islands(self, check: bool = False, timeout_s: float = 10.0) -> list[str]:
+        """Islands not known lost; ``check=True`` pings them first (a dead one is marked lost)."""
+        import ray
+        if check:
+            refs = {n: st.actor.ping.remote() for n, st in self._st.items() if st.alive}
+            ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+            for n, r in refs.items():
+                try:
+                    ray.get(r, timeout=0)
+                except ray.exceptions.GetTimeoutError:
+                    log.warning("island %r did not answer a ping within %.1f s", n, timeout_s)
+                except ray.exceptions.RayActorError as e:
+                    self._lose(n, self._st[n].gen, _brief(e))
+        return [n for n, st in self._st.items() if st.alive]
+
+    def on_membership(self, fn) -> None:
+        """Call ``fn(Membership)`` on every island loss or join (from the thread that saw it)."""
+        self._listeners.append(fn)
+
+    def replace_island(self, name, *, force: bool = False, timeout_s: float | None = None) -> dict:
+        """Start a fresh actor for lost island ``name`` (its store is empty); returns its info."""
+        import ray
+        st = self._st.get(name)
+        if st is None:
+            raise ValueError(self._unknown(name))
+        if self._closed:
+            raise RuntimeError("RayRuntime.replace_island: the runtime is shut down")
+        with self._lock:
+            if st.alive and not force:
+                raise ValueError(f"replace_island: island {name!r} is alive; it replaces lost islands "
+                                 "(force=True kills the live one first)")
+            if st.alive:
+                self._lose(name, st.gen, "replaced (replace_island force=True)")
+            old = st.actor
+        try:
+            ray.kill(old, no_restart=True)
+        except Exception:  # noqa: BLE001 - it is already gone
+            pass
+        started = {name: self._spawn(st.spec)}
+        info = self._await_start(started, timeout_s)[name]
+        with self._lock:
+            st.actor, st.info = started[name][0], info
+            st.gen += 1
+            st.shipped = set()
+            st.alive = True
+            self._record(name, "joined", st.gen, "replacement")
+        return dict(info)
+
+    def call(self, fn, *args, island, cost=None, name=None) -> Future:
+        """Run ``jax.jit(fn)(*args)`` on ``island``'s actor; returns its Future at once."""
+        if self._closed:
+            raise RuntimeError("RayRuntime.call: the runtime is shut down; make a new one")
+        st = self._lookup(island)
+        fut = _RayFuture(self, st.name if st is not None else str(island), name or _fn_name(fn))
+        fut._t_enq = self._engine.now()
+        try:
+            if st is None:
+                raise ValueError(self._unknown(island))
+            cost = self._cost(cost, fut.name)
+            if not callable(fn):
+                raise TypeError(f"call: fn must be callable, got {fn!r}")
+            self._dispatch(fut, st, fn, args, cost, (st.name,))
+        except _Failed as f:
+            self._engine.fail_now(fut, f.exc)
+        except Exception as e:
+            self._engine.fail_now(fut, e)
+        return fut
+
+    def transfer(self, x, *, island, wire_dtype=None, spec=None, name=None) -> Future:
+        """``x`` (Future or host value) on ``island`` through the link; returns a Future."""
+        if self._closed:
+            raise RuntimeError("RayRuntime.transfer: the runtime is shut down; make a new one")
+        st = self._lookup(island)
+        fut = _RayFuture(self, st.name if st is not None else str(island), name or "transfer", "transfer")
+        fut._t_enq = self._engine.now()
+        try:
+            if st is None:
+                raise ValueError(self._unknown(island))
+            wire = network.canonical_wire_dtype(wire_dtype)
+            if spec is not None:
+                self._check_spec(st, spec)
+            if isinstance(x, Future):
+                self._check_future(x)
+                if x._exc is not None:
+                    raise _Failed(x._exc)
+                self._start_transfer(fut, x, None, x.island, st, wire, spec)
+            else:
+                self._start_transfer(fut, None, x, "host", st, wire, spec)
+        except _Failed as f:
+            self._engine.fail_now(fut, f.exc)
+        except Exception as e:
+            self._engine.fail_now(fut, e)
+        return fut
+
+    def gang(self, fn, *args, islands, cost=None, name=None) -> list[Future]:
+        """``fn`` per island with collectives over GANG_AXIS; runs vmapped on the first island."""
+        if self._closed:
+            raise RuntimeError("RayRuntime.gang: the runtime is shut down; make a new one")
+        if isinstance(islands, str) or not hasattr(islands, "__iter__"):
+            raise TypeError(f"gang: islands must be a list of island names, got {islands!r}")
+        islands = list(islands)
+        sts = [self._lookup(i) for i in islands]
+        label = name or _fn_name(fn)
+        futs = [_RayFuture(self, st.name if st is not None else str(i), label, "gang")
+                for st, i in zip(sts, islands)]
+        now = self._engine.now()
+        for f in futs:
+            f._t_enq = now
+        try:
+            if not futs:
+                raise ValueError("gang: islands is empty")
+            for st, i in zip(sts, islands):
+                if st is None:
+                    raise ValueError(self._unknown(i))
+            if len({st.name for st in sts}) != len(sts):
+                raise ValueError(f"gang: islands must be distinct, got {islands}")
+            cost = self._cost(cost, label)
+            if not callable(fn):
+                raise TypeError(f"gang: fn must be callable, got {fn!r}")
+            n = len(sts)
+            bcast = tuple(not (type(a) is list and len(a) == n) for a in args)
+            gkey = (fn, n, bcast)
+            gfn = self._gang_fns.get(gkey)
+            if gfn is None:
+                gfn = self._gang_fns[gkey] = _GangFn(fn, n, bcast)
+            lead = sts[0]
+            whole = _RayFuture(self, lead.name, f"{label} (stacked)", "gang")
+            whole._t_enq = now
+            self._dispatch(whole, lead, gfn, args, cost, tuple(st.name for st in sts))
+            seq = str(next(self._gang_seq))
+            for k, st in enumerate(sts):
+                if k == 0:
+                    self._dispatch(futs[0], lead, self._index(0), (whole,), 0.0, (lead.name,))
+                else:
+                    part = _RayFuture(self, lead.name, f"{label}[{k}]")
+                    part._t_enq = now
+                    self._dispatch(part, lead, self._index(k), (whole,), 0.0, (lead.name,))
+                    self._start_transfer(futs[k], part, None, lead.name, st, None, None)
+                futs[k]._src = seq
+        except Exception as e:
+            exc = e.exc if isinstance(e, _Failed) else e
+            for f in futs:
+                if f._cf is None and f._state < FINISHED:
+                    self._engine.fail_now(f, exc)
+        return futs
+
+    def shutdown(self, wait: bool = True, cancel_pending: bool = False) -> None:
+        """Finish (``wait``) in-flight work, stop the completion thread, kill the island actors."""
+        if self._closed:
+            return
+        if wait:
+            self._engine.drain()
+        self._closed = True
+        self._engine.stop()
+        self._kill_all()
+        if self._owns_ray:
+            import ray
+            ray.shutdown()
+
+    def pending(self) -> list[dict]:
+        if self.virtual:
+            return self._engine.pending()
+        return [{"name": f.name, "island": f.island, "kind": f.kind} for f in list(self._engine.inflight)]
+
+    def state_dict(self) -> dict:
+        return {"clock": self.clock.state_dict(), "links": self.links.state_dict(), "pending": self.pending()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.clock.load_state_dict(state["clock"])
+        self.links.load_state_dict(state["links"])
+
+    # -- dispatch ------------------------------------------------------------------------------
+    def _dispatch(self, fut, st, fn, args, cost, book):
+        if not st.alive:
+            raise _Failed(self._lost(st, st.gen))
+        if len(self._frees) >= _FREE_BATCH:
+            self._flush_frees()
+        leaves, tdef = jax.tree_util.tree_flatten(args)
+        spec, avals, keys, deps = [], [], [], []
+        for x in leaves:
+            if isinstance(x, Future):
+                f = self._local(x, st)
+                deps.append(f)
+                spec.append(Ref(f._key))
+                avals.append(f._aval)
+                keys.append(f._akey)
+            else:
+                h, k = _host_leaf(x, st.name)
+                spec.append(h)
+                avals.append(h)
+                keys.append(k)
+        fid = self._fid(fn)
+        ck = (fid, tdef, tuple(keys))
+        hit = self._shapes.get(ck)
+        if hit is None:
+            out = jax.eval_shape(fn, *jax.tree_util.tree_unflatten(tdef, avals))
+            hit = self._shapes[ck] = (out, _akey(out))
+        fut._aval, fut._akey = hit
+        fut._parents = tuple(deps)
+        fref = self._ship(fid, fn, st)
+        key = next(self._keys)
+        ref = st.actor.call.remote(key, fid, fref, jax.tree_util.tree_unflatten(tdef, spec), not args,
+                                   self.inline_bytes)
+        self._launched(fut, st, key, ref)
+        if self.virtual:
+            self._engine.submit(fut, None, book, cost)
+        else:
+            self._engine.submit(fut)
+
+    def _launched(self, fut, st, key, ref):
+        fut._key, fut._gen, fut._cf = key, st.gen, ref.future()
+        weakref.finalize(fut, self._release, st.name, st.gen, key)
+
+    def _local(self, x, st):
+        """Future ``x`` as a value on ``st``: itself, or its (cached) transfer there."""
+        self._check_future(x)
+        if x._exc is not None:
+            raise _Failed(x._exc)
+        xst = self._st[x.island]
+        if x._gen != xst.gen or not xst.alive:
+            raise _Failed(self._lost(xst, x._gen))
+        if x.island == st.name:
+            return x
+        copies = x._copies
+        if copies is None:
+            copies = x._copies = {}
+        t = copies.get(st.name)
+        if t is None or t._gen != st.gen or (t._exc is not None and x._exc is None):
+            t = _RayFuture(self, st.name, f"{x.name}->{st.name}", "transfer")
+            t._t_enq = self._engine.now()
+            copies[st.name] = t
+            self._start_transfer(t, x, None, x.island, st, None, None)
+        if t._exc is not None:
+            raise _Failed(t._exc)
+        return t
+
+    def _start_transfer(self, fut, src, value, src_name, st, wire, spec):
+        if not st.alive:
+            raise _Failed(self._lost(st, st.gen))
+        link = self.links.link(src_name, st.name) if src_name != "host" else Link()
+        if wire is None:
+            wire = link.wire_dtype
+        fut._src = src_name
+        if src is not None:
+            sst = self._st[src_name]
+            if src._gen != sst.gen or not sst.alive:
+                raise _Failed(self._lost(sst, src._gen))
+            fut._parents = (src,)
+            payload = sst.actor.export.remote(src._key, wire, link.block_size)
+            fut._export = payload
+            source, aval, akey = ("ref", payload), src._aval, src._akey
+        else:
+            host = _host_tree(value, st.name)
+            source = ("host", host)
+            aval = jax.eval_shape(lambda t: t, host)
+            akey = _akey(aval)
+        delay = None
+        if not self.virtual and src_name != "host" and link.delayed:   # held by the destination actor
+            lk = (src_name, st.name, st.gen)
+            seq = self._link_seq.get(lk, 0)
+            self._link_seq[lk] = seq + 1
+            delay = (link.latency_s, link.bandwidth_bytes_per_s, seq)
+        key = next(self._keys)
+        ref = st.actor.import_.remote(key, src_name, source, wire, link.block_size, spec, delay,
+                                      self.inline_bytes)
+        fut._aval, fut._akey = aval, akey
+        if src_name != "host":
+            fut._link = (src_name, st.name)
+        self._launched(fut, st, key, ref)
+        if self.virtual:
+            nb = sum(network.payload_nbytes(tuple(x.shape), x.dtype, wire, link.block_size)
+                     for x in jax.tree_util.tree_leaves(aval))
+            fut._nbytes = nb
+            if src_name != "host":
+                self.links.record(src_name, st.name, nb)
+            self._engine.submit_transfer(fut, (src_name, st.name), link.seconds(nb) if link.delayed else 0.0)
+        else:
+            self._engine.submit(fut)
+
+    def _fid(self, fn):
+        with self._lock:
+            try:
+                fid = self._fn_ids.get(fn)
+            except TypeError:   # unhashable callable: by identity
+                fn = _ById(fn)
+                fid = self._fn_ids.get(fn)
+            if fid is None:
+                fid = self._fn_ids[fn] = next(self._fids)
+            return fid
+
+    def _ship(self, fid, fn, st):
+        """None if ``st``'s actor has the function, else a one-element list with its ObjectRef."""
+        import ray
+        if fid in st.shipped:
+            return None
+        with self._lock:
+            ref = self._fn_refs.get(fid)
+            if ref is None:
+                try:
+                    ref = self._fn_refs[fid] = ray.put(fn)
+                except Exception as e:
+                    raise TypeError(f"call: function {_fn_name(fn)!r} cannot be shipped to island actors "
+                                    f"(cloudpickle failed: {e}); define it at module level or close over "
+                                    "picklable values only") from e
+            st.shipped.add(fid)
+        return [ref]
+
+    def _index(self, k):
+        f = self._index_fns.get(k)
+        if f is None:
+            f = self._index_fns[k] = _Index(k)
+        return f
+
+    # -- completion, errors, membership --------------------------------------------------------
+    def _on_done(self, f, exc):
+        """Called by the engine once ``f``'s actor reported; returns its exception (or None)."""
+        cf, meta = f._cf, None
+        if exc is None and cf is not None:
+            e = cf.exception()
+            if e is None:
+                meta = cf.result()
+            else:
+                exc = self._map_error(f, e)
+        if not self.virtual:
+            if meta is not None:
+                f._t_start = max(f._t_enq, meta["t0"] - self._wall0)
+                f._t_end = max(f._t_start, meta["t1"] - self._wall0)
+            else:
+                f._t_start = f._t_end = max(f._t_enq, self.clock.now())
+        if meta is not None:
+            if meta.get("value") is not None:
+                f._value = meta["value"]
+            nb = meta.get("nbytes")
+            if nb is not None and not self.virtual:
+                f._nbytes = nb
+                link = getattr(f, "_link", None)
+                if link is not None:
+                    self.links.record(link[0], link[1], nb)
+        f._cf = f._export = None
+        return exc
+
+    def _map_error(self, f, e):
+        import ray
+        if isinstance(e, ray.exceptions.RayActorError):
+            return self._lose(f.island, f._gen, _brief(e))
+        cause = getattr(e, "cause", None) or e
+        if isinstance(cause, DependencyFailed):
+            p = self._engine.failed_parent(f)
+            if p is not None:
+                return p
+            for p in f._parents:
+                pst = self._st[p.island]
+                if p._gen != pst.gen or not pst.alive:
+                    return self._lost(pst, p._gen)
+        if isinstance(cause, SourceLost) and f._parents:
+            src = f._parents[0]
+            return self._lose(src.island, src._gen, str(cause))
+        return e
+
+    def _lose(self, name, gen, reason) -> IslandLost:
+        with self._lock:
+            st = self._st[name]
+            exc = st.lost.get(gen)
+            if exc is None:
+                exc = st.lost[gen] = IslandLost(name, gen, reason)
+            if gen == st.gen and st.alive:
+                st.alive = False
+                self._record(name, "lost", gen, reason)
+        return exc
+
+    def _lost(self, st, gen) -> IslandLost:
+        return st.lost.get(gen) or self._lose(st.name, gen, "lost earlier")
+
+    def _record(self, name, event, gen, reason):
+        m = Membership(self.now(), name, event, gen, reason)
+        self.membership.append(m)
+        if self.trace is not None:
+            self.trace.add_membership(m)
+        (log.warning if event == "lost" else log.info)("pathways_lite.ray: island %r %s (gen %d): %s",
+                                                        name, event, gen, reason)
+        for fn in list(self._listeners):
+            try:
+                fn(m)
+            except Exception:  # noqa: BLE001 - a listener must not break the runtime
+                log.exception("membership listener %r failed", fn)
+
+    def _fetch(self, f):
+        import ray
+        st = self._st[f.island]
+        if f._gen != st.gen or not st.alive:
+            raise self._lost(st, f._gen)
+        try:
+            return ray.get(st.actor.fetch.remote(f._key))
+        except ray.exceptions.RayActorError as e:
+            raise self._lose(f.island, f._gen, _brief(e)) from None
+
+    def _release(self, name, gen, key):
+        self._frees.append((name, gen, key))   # list.append is atomic; sent in batches
+
+    def _flush_frees(self):
+        items, self._frees = self._frees, []
+        by = collections.defaultdict(list)
+        for name, gen, key in items:
+            st = self._st[name]
+            if st.gen == gen and st.alive:
+                by[name].append(key)
+        for name, keys in by.items():
+            self._st[name].actor.free.remote(keys)
+
+    # -- start-up ------------------------------------------------------------------------------
+    def _check_resources(self, specs):
+        import ray
+        total = ray.cluster_resources()
+        for res, field in (("CPU", "num_cpus"), ("GPU", "num_gpus")):
+            need = sum(getattr(s, field) for s in specs)
+            have = total.get(res, 0.0)
+            if need > have + 1e-9:
+                raise IslandStartError(
+                    f"{len(specs)} islands need {need:g} {res}s in all (RayIsland.{field} / config field "
+                    f"runtime.island_{field}: {[getattr(s, field) for s in specs]}) but the Ray cluster has "
+                    f"{have:g}; use fewer islands, lower runtime.island_{field} or add nodes")
+
+    def _spawn(self, spec):
+        env = dict(self._runtime_env or {})
+        env["env_vars"] = {**spec.actor_env(self._pythonpath), **env.get("env_vars", {})}
+        opts = dict(num_cpus=spec.num_cpus, num_gpus=spec.num_gpus, max_restarts=0, runtime_env=env)
+        if spec.resources:
+            opts["resources"] = dict(spec.resources)
+        actor = _actor_class().options(**opts).remote(spec.name, spec.devices, tuple(spec.mesh_axes),
+                                                      spec.mesh_shape)
+        return actor, actor.info.remote()
+
+    def _await_start(self, started, timeout_s=None):
+        import ray
+        timeout_s = self.start_timeout_s if timeout_s is None else timeout_s
+        refs = {r: n for n, (_, r) in started.items()}
+        ready, not_ready = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+        if not_ready:
+            for _, (a, _) in started.items():
+                ray.kill(a, no_restart=True)
+            late = sorted(refs[r] for r in not_ready)
+            raise IslandStartError(
+                f"islands {late} did not start within {timeout_s:g} s (runtime.start_timeout_s); Ray "
+                f"resources available now: {ray.available_resources()}; each island asks "
+                f"{ {n: (self._st[n].spec.num_cpus, self._st[n].spec.num_gpus) for n in late} } (CPUs, GPUs)")
+        infos = {}
+        for r, n in refs.items():
+            try:
+                infos[n] = ray.get(r)
+            except Exception as e:
+                for _, (a, _) in started.items():
+                    ray.kill(a, no_restart=True)
+                raise IslandStartError(f"island {n!r} failed to start: {e}") from e
+        return infos
+
+    def _kill_all(self):
+        import ray
+        for st in self._st.values() if hasattr(self, "_st") else ():
+            if st.actor is not None:
+                try:
+                    ray.kill(st.actor, no_restart=True)
+                except Exception:  # noqa: BLE001
+                    pass
+                st.alive = False
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _lookup(self, island):
+        try:
+            return self._st.get(island)
+        except TypeError:
+            return None
+
+    def _unknown(self, island):
+        return f"unknown island {island!r}; this runtime's islands are {list(self._st)}"
+
+    def _check_future(self, a):
+        if a._rt is not self:
+            raise ValueError(f"Future {a.name!r} belongs to another Runtime; futures work only within "
+                             "the runtime that made them (pass its result() instead)")
+
+    @staticmethod
+    def _cost(cost, label):
+        if cost is None:
+            return 1.0
+        if isinstance(cost, bool) or not isinstance(cost, (int, float)) or not (cost >= 0 and math.isfinite(cost)):
+            raise ValueError(f"call {label!r}: cost must be a finite number >= 0 (units of work), got {cost!r}")
+        return float(cost)
+
+    @staticmethod
+    def _check_spec(st, spec):
+        if not isinstance(spec, PartitionSpec):
+            raise TypeError(f"island {st.name!r}: spec must be a PartitionSpec, got {spec!r}")
+        for entry in spec:
+            for axis in (entry if isinstance(entry, tuple) else (entry,)):
+                if axis is not None and axis not in st.spec.mesh_axes:
+                    raise ValueError(f"island {st.name!r}: PartitionSpec {spec} names axis {axis!r}; "
+                                     f"this island's mesh axes are {tuple(st.spec.mesh_axes)}")
+
+
+class _ById:
+    __slots__ = ("fn",)
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __hash__(self):
+        return id(self.fn)
+
+    def __eq__(self, other):
+        return isinstance(other, _ById) and other.fn is self.fn
+
+
+def _brief(e) -> str:
+    s = str(e).strip().splitlines()
+    return s[0][:200] if s else type(e).__name__
+
+
+_SCALARS = (bool, int, float, complex, np.generic)
+
+
+def _host_leaf(x, island):
+    """(value to send, shape-cache key) for a non-Future argument leaf."""
+    if isinstance(x, np.ndarray):
+        return x, ("h", x.shape, x.dtype)
+    if isinstance(x, jax.Array):
+        x = np.asarray(x)
+        return x, ("h", x.shape, x.dtype)
+    if isinstance(x, _SCALARS):
+        return x, ("s", type(x))
+    if isinstance(x, (str, bytes)) or x is None or callable(x):
+        raise TypeError(f"argument leaf {x!r} of type {type(x).__name__} cannot be placed on island "
+                        f"{island!r}; pass arrays, numbers or Futures (bind static values with "
+                        "functools.partial)")
+    x = np.asarray(x)
+    return x, ("h", x.shape, x.dtype)
+
+
+def _host_tree(value, island):
+    leaves, tdef = jax.tree_util.tree_flatten(value)
+    out = []
+    for x in leaves:
+        if isinstance(x, Future):
+            raise TypeError(f"transfer to {island!r}: pass a Future itself, not a pytree holding Futures")
+        out.append(_host_leaf(x, island)[0])
+    return jax.tree_util.tree_unflatten(tdef, out)
