@@ -97,6 +97,19 @@ def test_all_reduce_eight_devices_bf16_chunked():
   _close(got, want, BF16, n)
 
 
+def test_all_reduce_over_one_axis_of_a_2d_mesh():
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]).reshape(2, 2),
+                           ("data", "model"))
+  spec = P("data", "model")
+  x = jax.device_put(_rand(4, (8, 4 * 5), F32), NamedSharding(mesh, spec))
+  for axis in ("model", "data"):
+    got, want = (jax.jit(jax.shard_map(
+        fn, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False))(x)
+        for fn in (lambda v: coll.all_reduce(v, axis, implementation="pallas"),
+                   lambda v: lax.psum(v, axis)))
+    _close(got, want, F32, 2)
+
+
 def test_reduce_scatter_race_free_and_split_into_pieces():
   """detect_races in the interpreter; a tiny piece budget forces 2+ kernels."""
   from ops.collectives import pallas_tpu
