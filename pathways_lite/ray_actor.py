@@ -98,7 +98,8 @@ class IslandActor:
         self.mesh = Mesh(np.array(self.devices, dtype=object).reshape(shape), tuple(mesh_axes))
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
         self.store: dict[int, asyncio.Future] = {}
-        self.fns: dict = {}
+        self.raw: dict = {}      # fn_id -> asyncio future of the function as shipped
+        self.fns: dict = {}      # (fn_id, zero_arg) -> its jitted form
         self.compute = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"{name}-compute")
         self.io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"{name}-io")
         self.link_free: dict[str, float] = {}
@@ -142,6 +143,7 @@ class IslandActor:
 
     async def forget(self, fn_ids) -> None:
         for f in fn_ids:
+            self.raw.pop(f, None)
             self.fns.pop((f, False), None)
             self.fns.pop((f, True), None)
 
@@ -152,7 +154,7 @@ class IslandActor:
         try:
             fn = self.fns.get((fn_id, zero_arg))
             if fn is None:
-                f = await fn_ref[0]
+                f = await self._function(fn_id, fn_ref)
                 if zero_arg:
                     fn = jax.jit(f, out_shardings=self.replicated)
                 else:
@@ -169,6 +171,16 @@ class IslandActor:
             raise
         slot.set_result(out)
         return {"t0": t0, "t1": t1, "value": host}
+
+    async def _function(self, fn_id, fn_ref):
+        """The shipped function: the first call for ``fn_id`` carries its ref; others may start
+        before that call fetched it, so all wait on one slot."""
+        slot = self.raw.get(fn_id)
+        if slot is None:
+            slot = self.raw[fn_id] = asyncio.get_running_loop().create_future()
+        if fn_ref is not None and not slot.done():
+            slot.set_result(await fn_ref[0])
+        return await slot
 
     def _run(self, fn, tdef, vals, inline_bytes):
         import jax

@@ -240,7 +240,8 @@ def __getattr__(name):   # the controller and the factory live in their own file
     if name == "RayRuntime":
         from pathways_lite.ray_runtime import RayRuntime
         return RayRuntime
-    if name in ("make_runtime", "islands_from_slices", "initialize_pathways"):
+    if name in ("make_runtime", "make_runtime_from_config", "islands_from_slices", "initialize_pathways",
+                "ray_like"):
         from pathways_lite import ray_backends
         return getattr(ray_backends, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -43,7 +43,10 @@ class RayRuntime:
 
     def __init__(self, islands, *, clock="real", links: LinkModel | None = None, trace: bool = True,
                  address: str | None = None, start_timeout_s: float = 120.0, inline_bytes: int = 1 << 16,
-                 runtime_env: dict | None = None, init_kwargs: dict | None = None):
+                 runtime_env: dict | None = None, init_kwargs: dict | None = None,
+                 compile_cache_dir: str | None = None):
+        """``compile_cache_dir``: a JAX persistent compilation cache shared by the island actors
+        (a replacement island then loads its executables instead of compiling them)."""
         import ray
         clock_arg = clock
         specs = [RayIsland(i) if isinstance(i, str) else i for i in list(islands)]
@@ -80,6 +83,10 @@ class RayRuntime:
         self._closed = False
         self._owns_ray = False
         self._runtime_env = runtime_env
+        self._cache_env = {} if not compile_cache_dir else {
+            "JAX_COMPILATION_CACHE_DIR": str(compile_cache_dir),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
         if not ray.is_initialized():
             if address:
                 check_address(address)
@@ -552,7 +559,7 @@ class RayRuntime:
 
     def _spawn(self, spec):
         env = dict(self._runtime_env or {})
-        env["env_vars"] = {**spec.actor_env(self._pythonpath), **env.get("env_vars", {})}
+        env["env_vars"] = {**self._cache_env, **spec.actor_env(self._pythonpath), **env.get("env_vars", {})}
         opts = dict(num_cpus=spec.num_cpus, num_gpus=spec.num_gpus, max_restarts=0, runtime_env=env)
         if spec.resources:
             opts["resources"] = dict(spec.resources)

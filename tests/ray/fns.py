@@ -62,3 +62,9 @@ def _raise_host(x):
 def boom(x):
     """Fails while running on the island (not while tracing)."""
     return jax.pure_callback(_raise_host, jax.ShapeDtypeStruct(x.shape, x.dtype), x)
+
+
+def slow_identity(tree, seconds=3.0):
+    """``tree`` unchanged, after ``seconds`` on the island (to catch a computation in flight)."""
+    s = jax.pure_callback(_sleep_host, jax.ShapeDtypeStruct((), jnp.float32), jnp.float32(seconds))
+    return jax.tree_util.tree_map(lambda x: x + (0 * s).astype(x.dtype), tree)

@@ -1,0 +1,141 @@
+"""Pick the runtime backend by name: ``make_runtime(backend="local"|"ray"|"pathways", ...)``.
+
+Config (the ``runtime`` section; defaults in ``ray_islands.RUNTIME_DEFAULTS``):
+
+=========================  ====================================================================
+field                      meaning
+=========================  ====================================================================
+runtime.backend            "local": islands are device subsets of this process (Runtime);
+                           "ray": one Ray actor per island (RayRuntime);
+                           "pathways": Cloud TPU + Pathways, one island per TPU slice (Runtime)
+runtime.ray_address        "" starts a local Ray instance; "HOST:PORT", "ray://HOST:PORT" or
+                           "auto" joins a running cluster (checked first: no hang on a bad one)
+runtime.island_num_cpus    Ray CPUs each island actor reserves
+runtime.island_num_gpus    GPUs per island actor (0: CPU islands)
+runtime.island_devices     JAX devices per island (CPU islands get as many fake host devices)
+runtime.start_timeout_s    islands not started by then raise IslandStartError (e.g. the
+                           cluster lacks the resources)
+=========================  ====================================================================
+
+``make_runtime_from_config(config.runtime, names, clock=..., links=...)`` is
+what a launcher calls; the outer loops keep calling ``rt.call`` etc. unchanged.
+"""
+from __future__ import annotations
+
+import collections
+import importlib
+
+import numpy as np
+from jax.sharding import Mesh
+
+from pathways_lite.islands import Island, make_islands
+from pathways_lite.network import LinkModel
+from pathways_lite.ray_islands import BACKENDS, RUNTIME_DEFAULTS, RayIsland
+
+
+def _choice(field, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"config field {field!r}={value!r} is not allowed; allowed values: {list(allowed)}")
+
+
+def islands_from_slices(devices, *, mesh_axes=("data",), prefix: str = "slice") -> list[Island]:
+    """One Island per TPU slice: devices grouped by ``device.slice_index`` (missing: slice 0).
+
+    Islands are named ``{prefix}{slice_index}`` in slice order; an island's
+    devices keep their order in ``devices``; every slice must have the same
+    number of devices (gangs need equal meshes).
+    """
+    devices = list(devices)
+    if not devices:
+        raise ValueError("islands_from_slices: devices is empty")
+    groups = collections.defaultdict(list)
+    for d in devices:
+        s = getattr(d, "slice_index", 0)
+        if s is None:
+            s = 0
+        if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 0:
+            raise ValueError(f"islands_from_slices: device {d!r} has slice_index={s!r}; expected an int >= 0")
+        groups[int(s)].append(d)
+    sizes = {s: len(g) for s, g in groups.items()}
+    if len(set(sizes.values())) != 1:
+        raise ValueError(f"islands_from_slices: slices have different device counts {dict(sorted(sizes.items()))}; "
+                         "every island (slice) needs the same mesh")
+    mesh_axes = tuple(mesh_axes)
+    if len(mesh_axes) != 1:
+        raise ValueError(f"islands_from_slices: mesh_axes must name one axis, got {mesh_axes}")
+    return [Island(f"{prefix}{s}", tuple(g), Mesh(np.array(g, dtype=object), mesh_axes))
+            for s, g in sorted(groups.items())]
+
+
+def initialize_pathways():
+    """``pathwaysutils.initialize()`` (Pathways-on-Cloud); a clear error when it is missing."""
+    try:
+        pathwaysutils = importlib.import_module("pathwaysutils")
+    except ImportError as e:
+        raise RuntimeError("runtime.backend='pathways' needs the pathwaysutils package (pip install "
+                           "pathwaysutils) on a Cloud TPU VM attached to a Pathways cluster; use "
+                           "backend='local' or 'ray' elsewhere") from e
+    pathwaysutils.initialize()
+    return pathwaysutils
+
+
+def make_runtime(backend: str = "local", *, islands=None, num_islands: int | None = None, clock="real",
+                 links=None, trace: bool = True, devices=None, ray_address: str = "",
+                 island_num_cpus: float = 1.0, island_num_gpus: float = 0.0, island_devices: int = 1,
+                 start_timeout_s: float = 120.0, **ray_kwargs):
+    """A runtime of the chosen backend over ``islands`` (Islands, RayIslands or names).
+
+    local: ``islands`` is a list of Island (default ``make_islands(num_islands, devices)``).
+    ray: ``islands`` is a list of RayIsland or names (names get the island_* resources).
+    pathways: calls ``pathwaysutils.initialize()``, then one island per slice of ``jax.devices()``.
+    """
+    _choice("runtime.backend", backend, BACKENDS)
+    if backend == "local":
+        from pathways_lite.runtime import Runtime
+        if islands is None:
+            islands = make_islands(num_islands or 1, devices=devices)
+        return Runtime(islands, clock=clock, links=links, trace=trace)
+    if backend == "pathways":
+        import jax
+        from pathways_lite.runtime import Runtime
+        initialize_pathways()
+        return Runtime(islands_from_slices(jax.devices() if devices is None else devices),
+                       clock=clock, links=links, trace=trace)
+    from pathways_lite.ray_runtime import RayRuntime
+    if islands is None:
+        islands = [f"island{i}" for i in range(num_islands or 1)]
+    specs = [i if isinstance(i, RayIsland) else
+             RayIsland(getattr(i, "name", i), num_cpus=island_num_cpus, num_gpus=island_num_gpus,
+                       devices=island_devices) for i in islands]
+    return RayRuntime(specs, clock=clock, links=links, trace=trace, address=ray_address or None,
+                      start_timeout_s=start_timeout_s, **ray_kwargs)
+
+
+def make_runtime_from_config(runtime_cfg, islands, *, clock="real", links=None, trace=True):
+    """``make_runtime`` from the ``runtime`` config section (unknown fields named)."""
+    d = dict(runtime_cfg.to_dict() if hasattr(runtime_cfg, "to_dict") else runtime_cfg)
+    unknown = sorted(set(d) - set(RUNTIME_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown config field(s) {['runtime.' + k for k in unknown]}; allowed: "
+                         f"{['runtime.' + k for k in RUNTIME_DEFAULTS]}")
+    d = {**RUNTIME_DEFAULTS, **d}
+    backend = d.pop("backend")
+    return make_runtime(backend, islands=islands, clock=clock, links=links, trace=trace, **d)
+
+
+def ray_like(runtime, *, num_cpus: float = 1.0, num_gpus: float = 0.0, **ray_kwargs):
+    """A RayRuntime with the islands (names, device counts, mesh axes), clock and links of a local
+    ``Runtime``: how a loop that builds a local runtime (``outer.common.make_runtime``) runs on
+    Ray instead, unchanged. The local runtime stays usable; shut it down when done with it."""
+    from pathways_lite.clock import VirtualClock
+    from pathways_lite.ray_runtime import RayRuntime
+    clock = runtime.clock
+    if clock.kind == "virtual":
+        clock = VirtualClock(speeds=dict(clock.speeds), default=clock.default)
+    else:
+        clock = "real"
+    links = LinkModel(default=runtime.links.default, links=dict(runtime.links._links), symmetric=False)
+    specs = [RayIsland(i.name, num_cpus=num_cpus, num_gpus=num_gpus, devices=len(i.devices),
+                       mesh_axes=tuple(i.mesh.axis_names), mesh_shape=tuple(i.mesh.devices.shape))
+             for i in runtime.islands]
+    return RayRuntime(specs, clock=clock, links=links, trace=runtime.trace is not None, **ray_kwargs)
