@@ -267,6 +267,8 @@ def all_reduce(x, axis_name, *, implementation=None, direction="both",
   axis_size(axis_name)
   plan = _plan("all_reduce", implementation, x, None, axis_name, direction,
                num_chunks, interpret)
+  if plan.backend == "xla":  # lax's own AD (also right under check_vma=True)
+    return reference.all_reduce(x, axis_name)
   return _all_reduce(x, axis_name, plan)
 
 
@@ -277,6 +279,8 @@ def reduce_scatter(x, axis_name, *, implementation=None, direction="both",
   _check_rows("reduce_scatter", x, n, axis_name)
   plan = _plan("reduce_scatter", implementation, x, None, axis_name, direction,
                num_chunks, interpret)
+  if plan.backend == "xla":
+    return reference.reduce_scatter(x, axis_name)
   return _reduce_scatter(x, axis_name, plan)
 
 
@@ -288,6 +292,8 @@ def all_gather(x, axis_name, *, implementation=None, direction="both",
     raise ValueError("all_gather: x must have at least one dimension")
   plan = _plan("all_gather", implementation, x, None, axis_name, direction,
                num_chunks, interpret)
+  if plan.backend == "xla":
+    return reference.all_gather(x, axis_name)
   return _all_gather(x, axis_name, plan)
 
 
@@ -298,6 +304,8 @@ def all_gather_matmul(x, w, axis_name, *, implementation=None,
   _check_matmul("all_gather_matmul", x, w)
   plan = _plan("all_gather_matmul", implementation, x, w, axis_name, direction,
                1, interpret)
+  if plan.backend == "xla":
+    return reference.all_gather_matmul(x, w, axis_name)
   n = axis_size(axis_name)
   mmrs_plan = _plan("matmul_reduce_scatter", implementation,
                     jax.ShapeDtypeStruct((n * x.shape[0], w.shape[1]), x.dtype),
@@ -314,6 +322,8 @@ def matmul_reduce_scatter(x, w, axis_name, *, implementation=None,
   _check_rows("matmul_reduce_scatter", x, n, axis_name)
   plan = _plan("matmul_reduce_scatter", implementation, x, w, axis_name,
                direction, 1, interpret)
+  if plan.backend == "xla":
+    return reference.matmul_reduce_scatter(x, w, axis_name)
   agmm_plan = _plan("all_gather_matmul", implementation,
                     jax.ShapeDtypeStruct((x.shape[0] // n, w.shape[1]), x.dtype),
                     jax.ShapeDtypeStruct(w.shape[::-1], w.dtype), axis_name,
