@@ -129,7 +129,8 @@ def train(run: Run) -> dict:
         run.evaluate(step, gp)
     for w in restart:
       launch(w)
+    run.commit(book["applied"] // M, {"global": {"params": gp, "opt_state": ostate}, "workers": ws,
+                                      "in_flight": [f for f in inflight]},
+               **book, in_flight_workers=[v[0] for v in inflight.values()])
   run.evaluate(book["applied"] // M, gp)
-  run.state = {"arrays": {"global": {"params": gp, "opt_state": ostate}, "workers": ws},
-               "meta": run.meta(**book, steps_per_phase=steps_w)}
   return run.summary(gp, arrivals=book["arrivals"], steps_per_phase=steps_w)

@@ -201,6 +201,19 @@ class Run:
     m.update(extra)
     return m
 
+  def commit(self, step: int, arrays: dict, **meta) -> None:
+    """The loop's state after an outer step (arrays may still be Futures).
+
+    Every loop calls this once per outer step (async: per group of arrivals)
+    and at the end; it is the one place to take a checkpoint of an outer run
+    (`state_dict()` waits for the values)."""
+    arrays = jax.tree.map(lambda x: x, arrays, is_leaf=lambda x: isinstance(x, Future))  # own lists
+    self.state = {"arrays": arrays, "meta": self.meta(step=int(step), **meta)}
+
+  def state_dict(self) -> dict:
+    """{"arrays": pytree of arrays, "meta": JSON dict} of the last commit (host wait)."""
+    return {"arrays": resolve(self.state["arrays"]), "meta": self.state["meta"]}
+
   def summary(self, final_params, **extra) -> dict:
     if isinstance(final_params, Future):
       final_params = final_params.result()

@@ -54,6 +54,7 @@ def train(run: Run) -> dict:
     state = rt.call(pick0, upd, island=SERVER, cost=0, name="state")
     params = rt.call(pick_params, state, island=SERVER, cost=0, name="params")
     info = rt.call(pick1, upd, island=SERVER, cost=0, name="info")
+    run.commit(step, {"global": {"state": state}})
     if pending is not None:
       _consume(run, *pending)
     pending = (step, metrics, info)
@@ -63,7 +64,6 @@ def train(run: Run) -> dict:
       run.evaluate(step, params)
   if pending is not None:
     _consume(run, *pending)
-  run.state = {"arrays": {"global": {"state": state}}, "meta": run.meta(step=run.total_steps)}
   return run.summary(params)
 
 

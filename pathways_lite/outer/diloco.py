@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from pathways_lite import network
 from pathways_lite.outer import rules
 from pathways_lite.outer.common import SERVER, Run, memo, outer_optimizer, wire, zeros_f32
 from pathways_lite.outer.inner import pick0, pick1, pick2, pick_delta, pick_state, pick_summary
@@ -103,6 +104,8 @@ def train(run: Run) -> dict:
     ostate = rt.call(pick1, upd, island=SERVER, cost=0, name="outer state")
     info = rt.call(pick2, upd, island=SERVER, cost=0, name="info")
     step += h
+    run.commit(step, {"global": {"params": gp, "opt_state": ostate}, "workers": ws},
+               outer_step=t + 1)
     if pending is not None:                 # step t-1's metrics, after step t is enqueued
       _consume(run, *pending)
     pending = (step, summaries, info, keep)
@@ -112,9 +115,9 @@ def train(run: Run) -> dict:
       run.evaluate(step, gp)
   if pending is not None:
     _consume(run, *pending)
-  run.state = {"arrays": {"global": {"params": gp, "opt_state": ostate}, "workers": ws},
-               "meta": run.meta(outer_step=num_outer, step=step)}
-  return run.summary(gp)
+  upload = sum(network.payload_nbytes(np.shape(x), np.float32, wire(ocfg))
+               for x in jax.tree.leaves(init.params))
+  return run.summary(gp, peak_sync_bytes=M * upload, syncs=num_outer)
 
 
 def _consume(run: Run, step: int, summaries: dict, info, keep) -> None:

@@ -104,6 +104,9 @@ def train(run: Run) -> dict:
         arrived[m][t - d] = None                  # consumed: let it go
     info = rt.call(pick1, ex, island=SERVER, cost=0, name="finite")
     step += h
+    run.commit(step, {"workers": ts, "theta": theta, "outer_opt_state": ostate,
+                      "in_flight": [[a for a in arr if a is not None] for arr in arrived]},
+               outer_step=t + 1, overlap_outer_steps=d)
     if pending is not None:
       _consume(run, *pending)
     pending = (step, summaries, info)
@@ -114,9 +117,6 @@ def train(run: Run) -> dict:
   if pending is not None:
     _consume(run, *pending)
   final = consensus(theta)
-  run.state = {"arrays": {"workers": ts, "theta": theta, "outer_opt_state": ostate,
-                          "in_flight": [[a for a in arr if a is not None] for arr in arrived]},
-               "meta": run.meta(outer_step=num_outer, step=step, overlap_outer_steps=d)}
   return run.summary(final)
 
 

@@ -10,10 +10,10 @@ server sums them in f32 with the worker weights and applies the outer
 optimizer to fragment f (its own optimizer state per fragment). The workers
 keep training for tau = outer.overlap_tau inner steps while this happens, then
 merge: theta_w,f <- alpha*theta_w,f + (1-alpha)*theta_f (outer.merge_alpha).
-With one fragment (num_fragments=0 is not allowed: F = num_fragments + 1
-fragments always include the non-block one), tau=0, alpha=0 and all params in
-one fragment this is DiLoCo. Bytes per sync are reported per fragment
-(`summary["sync_bytes"]`) and at their peak (`peak_sync_bytes`: all M uploads).
+Fragment syncs use the same server step as DiLoCo (weights, f32 sums,
+non-finite rejection). Bytes per sync are reported per fragment
+(`summary["sync_bytes"]`, one worker's upload) and at their peak
+(`peak_sync_bytes`: all M uploads of the largest fragment).
 """
 from __future__ import annotations
 
@@ -108,6 +108,8 @@ def train(run: Run) -> dict:
         ws[w] = rt.call(fns[f][2], ws[w], new[w], ocfg.merge_alpha, island=isl, cost=0,
                         name=f"merge f{f}")
         anchors[w][f] = new[w]
+    run.commit(s, {"global": {"fragments": gfrag, "opt_state": fopt}, "workers": ws,
+                   "anchors": anchors, "in_flight": dict(in_flight)}, syncs=syncs)
     if pending is not None:
       _consume(run, *pending)
     pending = (s, summaries, infos)
@@ -118,9 +120,6 @@ def train(run: Run) -> dict:
   if pending is not None:
     _consume(run, *pending)
   final = global_params(init.params, ids, gfrag)
-  run.state = {"arrays": {"global": {"fragments": gfrag, "opt_state": fopt}, "workers": ws,
-                          "anchors": anchors, "in_flight": in_flight},
-               "meta": run.meta(step=run.total_steps, syncs=syncs)}
   return run.summary(final, num_fragments_total=F, sync_bytes=sync_bytes,
                      peak_sync_bytes=M * max(sync_bytes), syncs=syncs)
 

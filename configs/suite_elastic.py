@@ -1,0 +1,40 @@
+"""Suite 6, elastic compute: DiLoCo Figure 7 (Douillard et al. 2023, arXiv 2311.08105).
+
+Up to 8 workers; the number of active workers changes over 4 equal slices of
+training, at matched total compute (20 worker-slices each): ramp up 2,4,6,8;
+ramp down 8,6,4,2; constant 5,5,5,5. New workers start from the global params.
+
+Command:
+  python launch/reproduce.py --suite=elastic --workdir=runs/suite_elastic [--scale=gpu]
+Expected time: CPU (2 shared cores) 3-6 min for the 3 runs.
+Expected ordering (paper): all three end close to each other (what matters is
+the total compute); ramping up is slightly better than ramping down.
+"""
+import importlib.util
+import os
+
+
+def _suite_base():
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "suite_base.py")
+  spec = importlib.util.spec_from_file_location("configs_suite_base", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+EXPECTED = "ramp up ~ constant ~ ramp down (total compute decides), ramp up slightly ahead"
+
+
+def get_config(scale="cpu"):
+  c = _suite_base().get_config(scale)
+  c.name = "suite_elastic"
+  c.outer.update(num_workers=8)
+  return c
+
+
+def get_runs(scale="cpu"):
+  return [
+      ("ramp_up", {"outer.worker_schedule": (2, 4, 6, 8)}),
+      ("ramp_down", {"outer.worker_schedule": (8, 6, 4, 2)}),
+      ("constant", {"outer.worker_schedule": (5, 5, 5, 5)}),
+  ]

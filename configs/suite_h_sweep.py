@@ -1,0 +1,42 @@
+"""Suite 2, communication frequency, data and drops: DiLoCo Figures 4, 5 and 8 (arXiv 2311.08105).
+
+DiLoCo (4 workers, Nesterov 0.7/0.9) with H in {10, 30, 100} inner steps per
+outer step on iid shards; at H=30 also non-iid shards (each worker gets whole
+top-level stdlib modules) and iid with 50% of the pseudo-gradients dropped at
+random (each outer step averages the ones that arrive).
+
+Command:
+  python launch/reproduce.py --suite=h_sweep --workdir=runs/suite_h_sweep [--scale=gpu]
+Expected time: CPU (2 shared cores) 3-6 min for the 5 runs.
+Expected ordering (paper): more frequent syncs help (H=10 <= H=30 < H=100, with
+H=100 using 10x less communication than H=10); non-iid close to iid; 50% drops
+cost a little.
+"""
+import importlib.util
+import os
+
+
+def _suite_base():
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "suite_base.py")
+  spec = importlib.util.spec_from_file_location("configs_suite_base", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+EXPECTED = ("H=10 <= H=30 < H=100 (communication / H); non-iid ~ iid at H=30; "
+            "50% dropped pseudo-gradients slightly worse than none")
+
+
+def get_config(scale="cpu"):
+  c = _suite_base().get_config(scale)
+  c.name = "suite_h_sweep"
+  return c
+
+
+def get_runs(scale="cpu"):
+  hs = (10, 30, 100) if scale == "cpu" else (20, 50, 200)
+  runs = [(f"h{h}", {"outer.inner_steps": h}) for h in hs]
+  runs += [(f"h{hs[1]}_non_iid", {"outer.inner_steps": hs[1], "data.split": "non_iid"}),
+           (f"h{hs[1]}_drop50", {"outer.inner_steps": hs[1], "outer.drop_prob": 0.5})]
+  return runs

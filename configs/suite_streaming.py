@@ -1,0 +1,56 @@
+"""Suite 5, Streaming DiLoCo: fragments x overlap x merge x wire precision (Douillard et al. 2025, arXiv 2501.18512).
+
+A 4-layer model (CPU scale) so fragments are groups of layers: DiLoCo as the
+reference; streaming with 2 strided fragment groups (+ the embedding
+fragment), tau=0 and alpha=0; sequential groups; 4 groups; overlap tau=5 with
+alpha 0.5; then the same (tau=5, alpha 0.5) with the outer gradients sent as
+bf16, fp8 and 4-bit (int4 with per-block scales), summed in f32.
+
+Command:
+  python launch/reproduce.py --suite=streaming --workdir=runs/suite_streaming [--scale=gpu]
+Expected time: CPU (2 shared cores) 6-12 min for the 8 runs.
+Expected ordering (paper): streaming ~ DiLoCo in loss with a peak bandwidth per
+sync of about 1/(fragments) of DiLoCo's; overlap with alpha=0.5 costs little;
+bf16/fp8/4-bit outer gradients cost almost nothing in loss while cutting bytes 2x/4x/~7x.
+"""
+import importlib.util
+import os
+
+
+def _suite_base():
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "suite_base.py")
+  spec = importlib.util.spec_from_file_location("configs_suite_base", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+EXPECTED = ("loss: diloco ~ streaming variants (small differences), 4-bit ~ fp32; peak bytes "
+            "per sync: diloco > 2 groups > 4 groups, and fp32 > bf16 > fp8 > int4")
+COLUMNS = (("peak bytes/sync", "peak_sync_bytes"), ("syncs", "syncs"))
+
+
+def get_config(scale="cpu"):
+  c = _suite_base().get_config(scale)
+  c.name = "suite_streaming"
+  if scale == "cpu":
+    c.model.update(num_layers=4)
+  else:
+    c.model.update(num_layers=8)
+  c.outer.update(fragment_pattern="strided")
+  return c
+
+
+def get_runs(scale="cpu"):
+  s = {"outer.algorithm": "streaming"}
+  ov = {**s, "outer.num_fragments": 2, "outer.overlap_tau": 5, "outer.merge_alpha": 0.5}
+  return [
+      ("diloco", {"outer.algorithm": "diloco"}),
+      ("stream_p2", {**s, "outer.num_fragments": 2}),
+      ("stream_p2_seq", {**s, "outer.num_fragments": 2, "outer.fragment_pattern": "sequential"}),
+      ("stream_p4", {**s, "outer.num_fragments": 4}),
+      ("stream_p2_tau5_a05", ov),
+      ("stream_p2_tau5_a05_bf16", {**ov, "outer.wire_dtype": "bf16"}),
+      ("stream_p2_tau5_a05_fp8", {**ov, "outer.wire_dtype": "fp8"}),
+      ("stream_p2_tau5_a05_int4", {**ov, "outer.wire_dtype": "int4"}),
+  ]
