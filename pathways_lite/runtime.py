@@ -448,6 +448,8 @@ class Runtime:
                 self.links.record(src_name, isl.name, nbytes)
             return out, nbytes
 
+        if src_fut is not None and src_fut._exc is not None:
+            return self._engine.fail_now(fut, src_fut._exc)
         if src_fut is not None and src_fut._value is MISSING and src_fut._gang is None:
             return self._defer(fut, None, src_fut,
                                lambda f, _: self._start_transfer(f, src_fut, value, src_name, isl, wire, spec))
