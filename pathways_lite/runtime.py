@@ -520,6 +520,10 @@ class Runtime:
                     self._gang_q.popleft()
                     continue
                 if not self._try_gang(futs, job):
+                    for queued, qjob in itertools.islice(self._gang_q, 1, None):
+                        for f in queued:   # waiting behind the head: not started, cancellable
+                            if f._state != PENDING and f._state < FINISHED:
+                                self._engine.defer(f, qjob)
                     break
                 self._gang_q.popleft()
         finally:
