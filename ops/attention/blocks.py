@@ -10,7 +10,9 @@ the K and V rings (2 * stages * block_kv * D) in 16-bit, under ~227 KiB:
   D=256: block_kv 64,  2 stages   2*64*256*2 + 2*2*64*256*2  = 192 KiB
 The backward (dK/dV kernel, 2 consumer warpgroups of block_kv key rows;
 dQ kernel, consumer warpgroups of block_q query rows) uses 64-row tiles.
-Measured outcomes live in NOTES.md; entries not measured say so.
+Measured (H100, NOTES.md): D=128 only; (64, 128, 2) beat (64, 64, 4) by
+10-15%, (64, 128, 3) does not fit shared memory by 120 bytes. The D=64 and
+D=256 rows are correct on the device but their speed was not measured.
 
 TPU (pallas_tpu.py): 128 x 128 tiles by default (v5e/v6e lanes are 128
 wide); on CPU interpret mode the same table is used, and tests override the

@@ -32,6 +32,11 @@ Backward: two kernels after an XLA delta = rowsum(dO * O):
   head_dim 256: dK and dV accumulators together need 256 registers/thread,
   so the dK/dV kernel runs twice (dV pass, dK pass).
 
+GpuBlocks.overlap=1 switches the forward to FA3's intra-warpgroup overlap
+(S_{j+1} issued together with PV_j, softmax while PV runs). It is correct on
+the device but measured no faster non-causal and 30% slower causal on an
+H100 (NOTES.md), so it is off in the table.
+
 interpret=True runs the same kernels in the Mosaic GPU interpreter
 (jax >= 0.12; CPU); there the wgmma calls become jnp.dot on the same smem
 buffers, so barriers, TMA indexing, ring slots, masks and the softmax are

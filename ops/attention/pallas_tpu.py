@@ -38,10 +38,11 @@ _NEG_INIT = -1e30  # running-max start value: finite, so exp(m_old - m_new) neve
 
 
 def _interpret_arg(interpret):
+  """None: compiled on TPU, pallas' HLO interpreter elsewhere; True: the HLO
+  interpreter (fast); a pltpu.InterpretParams: the TPU interpreter, which
+  also simulates DMAs and semaphores (about 4x slower); False: compiled."""
   if interpret is None:
-    return None if jax.default_backend() == "tpu" else pltpu.InterpretParams()
-  if interpret is True:
-    return pltpu.InterpretParams()
+    return None if jax.default_backend() == "tpu" else True
   return interpret or None
 
 
@@ -336,8 +337,9 @@ def flash_attention(q, k, v, *, causal=False, q_segment_ids=None,
                     block_k=None, interpret=None):
   """Flash attention, [B, T, H, D] layout; inputs are validated by api.py.
 
-  interpret: None = compiled on TPU, interpreted elsewhere; True or a
-  pltpu.InterpretParams = interpreted; False = compiled.
+  interpret: None = compiled on TPU, pallas' HLO interpreter elsewhere;
+  True = the HLO interpreter; a pltpu.InterpretParams() = the TPU interpreter
+  (simulates DMAs/semaphores, slower); False = compiled.
   """
   scale = float(q.shape[-1] ** -0.5 if sm_scale is None else sm_scale)
   return _flash(q, k, v, q_segment_ids, kv_segment_ids, bool(causal), scale,

@@ -34,7 +34,6 @@ needs_interpreter = pytest.mark.skipif(
 
 # (B, T, S, H, K, D, dtype, causal, segments, sm_scale, blocks)
 CASES = {
-    "bf16_causal": (1, 256, 256, 1, 1, 64, BF16, True, None, None, SMALL),
     "f16_gqa_padded_cross": (1, 120, 200, 2, 1, 64, F16, False, None, None, SMALL),
     "bf16_causal_segments_one_stage": (1, 192, 192, 2, 2, 64, BF16, True, "self", None,
                                        ONE_STAGE),
@@ -46,7 +45,6 @@ CASES = {
                                      OVERLAP),
     "overlap_f16_padded_one_step": (1, 100, 100, 1, 1, 64, F16, True, None, None,
                                     OVERLAP_WIDE),
-    "overlap_bf16_noncausal": (1, 128, 256, 1, 1, 64, BF16, False, None, None, OVERLAP),
 }
 
 
