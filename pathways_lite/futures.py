@@ -116,7 +116,10 @@ class Future:
 
     # -- internals -----------------------------------------------------------------------------
     def _wait(self, timeout):
-        self._rt._engine.wait_until(lambda: self._state >= FINISHED, timeout)
+        engine = self._rt._engine
+        if timeout is None:
+            engine.help(self)
+        engine.wait_until(lambda: self._state >= FINISHED, timeout)
         if self._state < FINISHED:
             raise TimeoutError(f"future {self.name!r} on island {self.island!r} not done after {timeout} s")
 
@@ -183,6 +186,9 @@ def wait(fs, timeout: float | None = None, return_when: str = ALL_COMPLETED) -> 
     fs, engine = _engine_of(fs)
     fs = list(dict.fromkeys(fs))
     if engine is not None and fs:
+        if return_when == ALL_COMPLETED and timeout is None:
+            for f in fs:
+                engine.help(f)
         col = _Collector()
         registered, before = _listen_all(engine, fs, col)
         n = len(fs)

@@ -172,7 +172,9 @@ class Union:
             return jax.tree_util.tree_map(lambda o: jnp.expand_dims(o, 0), out)
 
         spec = PartitionSpec(GANG_AXIS)
-        mapped = jax.shard_map(body, mesh=self.mesh, in_specs=spec, out_specs=spec)
+        # check_vma=False: fn is written per island (as under vmap), so a psum result may be fed
+        # back as a per-island value (e.g. through a fori_loop carry) in both modes alike.
+        mapped = jax.shard_map(body, mesh=self.mesh, in_specs=spec, out_specs=spec, check_vma=False)
         return jax.jit(mapped)
 
     def stack(self, per_island: Sequence[jax.Array]) -> jax.Array:

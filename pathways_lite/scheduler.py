@@ -35,6 +35,7 @@ except ImportError:  # pragma: no cover
     ArrayImpl = None
 
 _STOP = object()
+_new_tuple = tuple.__new__   # builds a Span without NamedTuple's Python-level __new__
 log = logging.getLogger(__name__)
 
 
@@ -52,7 +53,8 @@ class Engine:
     def __init__(self, clock, trace):
         self.clock = clock
         self.trace = trace
-        self.cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self.cond = threading.Condition(self._lock)
         self._done_ctr = itertools.count()
         self.deferred = set()   # futures PENDING (waiting on inputs or a link)
 
@@ -60,15 +62,22 @@ class Engine:
         return self.clock.now()
 
     # -- the one way a future finishes ---------------------------------------------------------
-    def finish(self, fut, exc=None, state=FINISHED) -> bool:
-        with self.cond:
+    def finish(self, fut, exc=None, state=FINISHED, times=None) -> bool:
+        """FINISHED/CANCELLED with ``exc``; ``times`` = (start, end) if given. False if already done."""
+        with self._lock:
             if fut._state >= FINISHED:
                 return False
+            if times is not None:
+                fut._t_start, fut._t_end = times
             fut._exc = exc
             fut._state = state
             fut._done_seq = next(self._done_ctr)
-            cbs, fut._callbacks = fut._callbacks, None
-            ws, fut._waiters = fut._waiters, None
+            cbs = fut._callbacks
+            ws = fut._waiters
+            if cbs is not None:
+                fut._callbacks = None
+            if ws is not None:
+                fut._waiters = None
             if fut._listeners:
                 for listener in fut._listeners:
                     listener(fut)
@@ -77,10 +86,14 @@ class Engine:
                 self.deferred.discard(fut)
             if self.cond._waiters:
                 self.cond.notify_all()
-        fut._parents = ()
-        fut._job = None
+        if fut._parents:
+            fut._parents = ()
+        if fut._job is not None:
+            fut._job = None
         if self.trace is not None:
-            self.record(fut, "ok" if exc is None else ("cancelled" if state == CANCELLED else "error"))
+            self.trace.spans.append(_new_tuple(Span, (
+                fut.kind, fut.name, fut.island, fut._t_enq, fut._t_start, fut._t_end, fut._id, fut._nbytes,
+                fut._src, "ok" if exc is None else ("cancelled" if state == CANCELLED else "error"))))
         if ws:
             run_waiters(ws)
         if cbs:
@@ -90,13 +103,12 @@ class Engine:
 
     def fail_now(self, fut, exc):
         """Fail at dispatch time (bad input, tracing error, failed input)."""
-        fut._t_start = fut._t_end = max(fut._t_enq, self.now())
-        self.finish(fut, exc)
+        t = max(fut._t_enq, self.now())
+        self.finish(fut, exc, times=(t, t))
         return fut
 
-    def record(self, fut, status):
-        self.trace.add(Span(fut.kind, fut.name, fut.island, fut._t_enq, fut._t_start, fut._t_end,
-                            fut._id, fut._nbytes, fut._src, status))
+    def help(self, fut) -> None:
+        """Finish ``fut`` on the calling thread if it can be (RealEngine); a no-op otherwise."""
 
     def publish(self, fut, value):
         """Make a PENDING future's value available to dependants (before it counts as done)."""
@@ -165,7 +177,8 @@ class Engine:
                 return True
             if fut._state != PENDING:
                 return False
-        return self.finish(fut, CancelledError(f"future {fut.name!r} was cancelled"), CANCELLED) \
+        t = self.now()
+        return self.finish(fut, CancelledError(f"future {fut.name!r} was cancelled"), CANCELLED, (t, t)) \
             or fut._state == CANCELLED
 
     @staticmethod
@@ -216,38 +229,65 @@ class RealEngine(Engine):
                     self.cond.wait()
 
     def _complete_loop(self, q):
+        get = q.get
         while True:
-            item = q.get()
+            item = get()
             if item is _STOP:
                 return
-            fut, gang, value = item
-            futs = gang.futures if gang is not None else (fut,)
+            fut = item[0]
+            if fut._state >= FINISHED:      # finished early by a waiting thread (help)
+                continue
             for p in fut._parents:
                 if p._state < FINISHED:
                     self._wait_settled(p)
-            exc = self.failed_parent(fut)
-            if exc is None:
-                try:
-                    if type(value) is ArrayImpl:
-                        value.block_until_ready()
-                    else:
-                        jax.block_until_ready(value)
-                except BaseException as e:  # the computation failed on the device
-                    exc = e
-            t_end = self.clock.now()
-            t_start = fut._t_enq
-            for p in fut._parents:
-                if p._t_end > t_start:
-                    t_start = p._t_end
-            for f in futs:
-                if f.kind != "transfer":
-                    last = self._last_end.get(f.island, 0.0)
-                    f._t_start = max(t_start, last)
-                    self._last_end[f.island] = t_end
+            self._settle(fut, item[1], item[2])
+
+    def _settle(self, fut, gang, value):
+        """Finish a dispatched ``fut`` whose parents are finished, once ``value`` is ready."""
+        exc = None
+        for p in fut._parents:
+            if p._exc is not None:
+                exc = p._exc
+                break
+        if exc is None:
+            try:
+                if type(value) is ArrayImpl:
+                    value.block_until_ready()
                 else:
-                    f._t_start = t_start
-                f._t_end = t_end
-                self.finish(f, exc)
+                    jax.block_until_ready(value)
+            except BaseException as e:  # the computation failed on the device
+                exc = e
+        t_end = self.clock.now()
+        t_start = fut._t_enq
+        for p in fut._parents:
+            if p._t_end > t_start:
+                t_start = p._t_end
+        last_end = self._last_end
+        for f in (gang.futures if gang is not None else (fut,)):
+            if f.kind == "transfer":
+                self.finish(f, exc, times=(t_start, t_end))
+            else:
+                last = last_end.get(f.island, 0.0)
+                if self.finish(f, exc, times=(last if last > t_start else t_start, t_end)):
+                    last_end[f.island] = t_end
+
+    def help(self, root) -> None:
+        """Finish ``root`` and its unfinished ancestors on this thread (lower latency for result())."""
+        stack = [(root, False)]
+        while stack:
+            f, expanded = stack.pop()
+            if f._state >= FINISHED:
+                continue
+            if not expanded:
+                stack.append((f, True))
+                stack.extend((p, False) for p in f._parents if p._state < FINISHED)
+                continue
+            gang = f._gang[0] if f._gang is not None else None
+            value = gang.out if gang is not None else f._value
+            if f._state != RUNNING or value is MISSING or any(p._state < FINISHED for p in f._parents):
+                self._wait_settled(f)       # deferred / on a link: its own thread finishes it
+            else:
+                self._settle(f, gang, value)
 
     # -- delayed links -------------------------------------------------------------------------
     def submit_link(self, fut, key, link, move):

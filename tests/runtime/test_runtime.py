@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from pathways_lite.futures import wait
+from pathways_lite.futures import as_completed, wait
 from pathways_lite.islands import make_islands
 from pathways_lite.runtime import Runtime
 from tests.runtime.conftest import add, add1, mat, times3
@@ -53,6 +53,15 @@ def test_cross_island_future_args_are_transferred(rt4, islands4):
     assert rt4.links.stats()["island0->island3"]["transfers"] == 1
     t = rt4.transfer(a, island="island1", spec=P("data"))
     assert t.result(timeout=60).sharding.spec == P("data")
+
+
+def test_result_finishes_ancestors_first(rt4):
+    a = rt4.call(add1, np.float32(0), island="island0")
+    b = rt4.call(times3, a, island="island1")
+    c = rt4.call(add, a, b, island="island2")
+    assert float(c.result(timeout=60)) == 4.0
+    assert a.done() and b.done()
+    assert list(as_completed([c, b, a])) == [a, b, c]   # finishing order respects dependencies
 
 
 def test_chained_dispatch_runs_ahead(rt4):
