@@ -131,6 +131,59 @@ def make_islands(n: int, *, devices: Sequence | None = None, devices_per_island:
     return islands
 
 
+class IslandIndex:
+    """Finds islands by name and which island an array lives on (used by the runtime).
+
+    Device sets are canonicalized so that ``index.key(sharding) is index.island_key[name]``
+    is a cheap identity test; virtual islands share one device set and own it jointly.
+    """
+
+    def __init__(self, islands: Sequence[Island]):
+        self.islands = tuple(islands)
+        canon = {}
+        for isl in self.islands:
+            canon.setdefault(isl.device_set, isl.device_set)
+        self.island_key = {isl.name: canon[isl.device_set] for isl in self.islands}
+        self.by_key = {}
+        for isl in self.islands:
+            key = canon[isl.device_set]
+            self.by_key[key] = None if key in self.by_key else isl
+        self._canon = canon
+        self._names = {}
+        for isl in self.islands:
+            self._names[isl.name] = isl
+            self._names[isl] = isl
+        self.sh_key = {}
+
+    def lookup(self, island):
+        """The Island named ``island`` (or the Island itself), None if unknown."""
+        try:
+            return self._names.get(island)
+        except TypeError:   # unhashable
+            return None
+
+    def unknown(self, island) -> str:
+        return f"unknown island {island!r}; this runtime's islands are {[i.name for i in self.islands]}"
+
+    def key(self, sharding) -> frozenset:
+        """The (canonical) device set of ``sharding``."""
+        ds = frozenset(sharding.device_set)
+        key = self.sh_key[sharding] = self._canon.get(ds, ds)
+        return key
+
+    def owner(self, x: jax.Array):
+        """The one island whose devices hold ``x`` (all or some of them); None if none or shared."""
+        key = self.sh_key.get(x.sharding)
+        if key is None:
+            key = self.key(x.sharding)
+        owner = self.by_key.get(key)
+        if owner is None:
+            for isl in self.islands:
+                if key <= isl.device_set and self.by_key.get(self.island_key[isl.name]) is isl:
+                    return isl
+        return owner
+
+
 # ----------------------------------------------------------------------------------------------
 # Gang helpers: the union of several islands.
 
@@ -202,6 +255,18 @@ class Union:
         blk = jax.make_array_from_single_device_arrays(
             (1,) + tuple(glob.shape[1:]), isl.replicated(), [by_dev[d] for d in isl.devices])
         return _index_fn(0, isl.replicated())(blk)
+
+
+class GangResult:
+    """The global outputs of one gang computation; island k's part is made on demand."""
+
+    __slots__ = ("out", "union", "futures")
+
+    def __init__(self, out, union, futures):
+        self.out, self.union, self.futures = out, union, futures
+
+    def view(self, k):
+        return jax.tree_util.tree_map(lambda g: self.union.split(g, k), self.out)
 
 
 @functools.lru_cache(maxsize=None)

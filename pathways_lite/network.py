@@ -38,6 +38,7 @@ import threading
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
 
 WIRE_DTYPES = (None, "bf16", "int8", "int8_block", "fp8", "int4")
 _ALIASES = {"bfloat16": "bf16", "float8_e4m3fn": "fp8", "e4m3": "fp8", "fp8_e4m3": "fp8",
@@ -219,6 +220,50 @@ def payload_nbytes(shape, dtype, wire_dtype, block_size=128) -> int:
     nb = -(-n // block_size)
     return {"bf16": 2 * n, "int8": n + 4, "fp8": n + 4, "int8_block": n + 4 * nb,
             "int4": -(-n // 2) + 4 * nb}[wire_dtype]
+
+
+def target_sharding(x, island, spec=None):
+    """Where ``x`` lands on ``island``: ``spec`` if given, else x's PartitionSpec if the island's
+    mesh has the same axes and shape, else replicated."""
+    if spec is not None:
+        return island.sharding(spec)
+    sh = getattr(x, "sharding", None)
+    if isinstance(sh, NamedSharding) and tuple(sh.mesh.axis_names) == tuple(island.mesh.axis_names) \
+            and sh.mesh.devices.shape == island.mesh.devices.shape:
+        return _named(island.mesh, sh.spec)
+    return island.replicated()
+
+
+@functools.lru_cache(maxsize=4096)
+def _named(mesh, spec):
+    return NamedSharding(mesh, spec)
+
+
+def move(value, island, wire_dtype=None, block_size=128, spec=None):
+    """Send the pytree ``value`` to ``island`` over the real device path, encoded as ``wire_dtype``.
+
+    Floating-point leaves are encoded on their source devices, the payload is
+    ``jax.device_put`` to the island and decoded there. Returns (value on the
+    island, payload bytes sent). Nothing blocks: all steps are dispatched
+    asynchronously.
+    """
+    leaves, tdef = jax.tree_util.tree_flatten(value)
+    out, nbytes = [], 0
+    for x in leaves:
+        if not isinstance(x, jax.Array):
+            x = np.asarray(x)
+        target = target_sharding(x, island, spec)
+        if wire_dtype is None or not np.issubdtype(x.dtype, np.floating):
+            out.append(jax.device_put(x, target))
+            nbytes += x.nbytes
+            continue
+        if not isinstance(x, jax.Array):
+            x = jax.device_put(x, target)
+        payload = encoder(wire_dtype, block_size)(x)
+        nbytes += sum(p.nbytes for p in payload)
+        moved = jax.device_put(payload, island.replicated())
+        out.append(decoder(wire_dtype, block_size, tuple(x.shape), x.dtype, target)(moved))
+    return jax.tree_util.tree_unflatten(tdef, out), nbytes
 
 
 @functools.lru_cache(maxsize=None)

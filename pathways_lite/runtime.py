@@ -40,19 +40,16 @@ affected. ``shutdown()`` (also on leaving ``with``) waits for everything in flig
 from __future__ import annotations
 
 import collections
-import functools
 import itertools
 import math
 import threading
 
 import jax
-import numpy as np
-from jax.sharding import NamedSharding
 
 from pathways_lite import network
 from pathways_lite.clock import make_clock
 from pathways_lite.futures import CANCELLED, FINISHED, MISSING, PENDING, Future
-from pathways_lite.islands import GANG_AXIS, Island, Union
+from pathways_lite.islands import GANG_AXIS, GangResult, Island, IslandIndex, Union
 from pathways_lite.network import LinkModel
 from pathways_lite.scheduler import RealEngine, VirtualEngine
 from pathways_lite.trace import Trace
@@ -81,20 +78,19 @@ class _Failed(Exception):
         self.exc = exc
 
 
-class GangResult:
-    """The global outputs of one gang computation; island k's part is made on demand."""
-
-    __slots__ = ("out", "union", "futures")
-
-    def __init__(self, out, union, futures):
-        self.out, self.union, self.futures = out, union, futures
-
-    def view(self, k):
-        return jax.tree_util.tree_map(lambda g: self.union.split(g, k), self.out)
-
-
 def _fn_name(fn):
     return getattr(fn, "__name__", None) or type(fn).__name__
+
+
+def _check(fn, cost, what, label):
+    """Validated cost (default 1 unit of work)."""
+    if not callable(fn):
+        raise TypeError(f"{what}: fn must be callable, got {fn!r}")
+    if cost is None:
+        return 1.0
+    if not isinstance(cost, (int, float)) or not (cost >= 0 and math.isfinite(cost)):
+        raise ValueError(f"{what} {label!r}: cost must be a finite number >= 0 (units of work), got {cost!r}")
+    return cost
 
 
 class Runtime:
@@ -123,20 +119,9 @@ class Runtime:
         self.trace = Trace(names) if trace else None
         engine_cls = VirtualEngine if self.virtual else RealEngine
         self._engine = engine_cls(self.clock, self.trace)
-        self._isl = {}
-        canon = {}
-        for isl in islands:
-            self._isl[isl.name] = isl
-            self._isl[isl] = isl
-            canon.setdefault(isl.device_set, isl.device_set)
-        self._canon = canon                      # device set -> the one frozenset object used for it
-        self._key = {isl.name: canon[isl.device_set] for isl in islands}
-        self._owner = {}                         # device set -> the island owning it alone
-        for isl in islands:
-            sharing = [j for j in islands if j.device_set == isl.device_set]
-            self._owner[canon[isl.device_set]] = isl if len(sharing) == 1 else None
-        self._sh_key = {}                        # sharding -> canonical device set (or a fresh one)
-        self._targets = {}
+        self._index = IslandIndex(islands)
+        self._sh_key = self._index.sh_key        # sharding -> device-set key (hot path)
+        self._isl_key = self._index.island_key
         self._jit = {}
         self._zero_arg_jit = {}
         self._unions = {}
@@ -171,15 +156,12 @@ class Runtime:
         isl = self._lookup(island)
         fut = Future(self, isl.name if isl is not None else str(island), name or _fn_name(fn))
         fut._t_enq = self._engine.now()
-        if isl is None:
-            return self._engine.fail_now(fut, ValueError(self._unknown(island)))
-        if cost is None:
-            cost = 1.0
-        elif not isinstance(cost, (int, float)) or not (cost >= 0 and math.isfinite(cost)):
-            return self._engine.fail_now(fut, ValueError(f"call {fut.name!r}: cost must be a finite number "
-                                                         f">= 0 (units of work), got {cost!r}"))
-        if not callable(fn):
-            return self._engine.fail_now(fut, TypeError(f"call: fn must be callable, got {fn!r}"))
+        try:
+            if isl is None:
+                raise ValueError(self._unknown(island))
+            cost = _check(fn, cost, "call", fut.name)
+        except Exception as e:
+            return self._engine.fail_now(fut, e)
         self._run_call(fut, (fn, args, isl, cost))
         return fut
 
@@ -202,7 +184,7 @@ class Runtime:
                     raise _Failed(x._exc)
                 self._start_transfer(fut, x, None, x.island, isl, wire, spec)
             else:
-                src = self._array_island(x) if isinstance(x, jax.Array) else None
+                src = self._index.owner(x) if isinstance(x, jax.Array) else None
                 self._start_transfer(fut, None, x, src.name if src else "host", isl, wire, spec)
         except _Failed as f:
             self._engine.fail_now(fut, f.exc)
@@ -230,12 +212,7 @@ class Runtime:
             for isl, i in zip(isls, islands):
                 if isl is None:
                     raise ValueError(self._unknown(i))
-            if cost is None:
-                cost = 1.0
-            elif not isinstance(cost, (int, float)) or not (cost >= 0 and math.isfinite(cost)):
-                raise ValueError(f"gang {label!r}: cost must be a finite number >= 0, got {cost!r}")
-            if not callable(fn):
-                raise TypeError(f"gang: fn must be callable, got {fn!r}")
+            cost = _check(fn, cost, "gang", label)
             key = tuple(i.name for i in isls)
             union = self._unions.get(key)
             if union is None:
@@ -337,19 +314,14 @@ class Runtime:
             sh = a.sharding
             key = self._sh_key.get(sh)
             if key is None:
-                key = self._sharding_key(sh)
-            if key is self._key[isl.name]:
+                key = self._index.key(sh)
+            if key is self._isl_key[isl.name]:
                 return a
             return self._place(a, isl, deps)
         leaves, tdef = jax.tree_util.tree_flatten(a)
         if len(leaves) == 1 and leaves[0] is a:
             return self._place(a, isl, deps)
         return jax.tree_util.tree_unflatten(tdef, [self._resolve(x, isl, deps) for x in leaves])
-
-    def _sharding_key(self, sh):
-        ds = frozenset(sh.device_set)
-        key = self._sh_key[sh] = self._canon.get(ds, ds)
-        return key
 
     def _future_value(self, a, isl, deps):
         if a._rt is not self:
@@ -380,7 +352,7 @@ class Runtime:
     def _place(self, x, isl, deps):
         """A non-Future leaf on ``isl``: arrays of another island go through the link."""
         if isinstance(x, jax.Array):
-            src = self._array_island(x)
+            src = self._index.owner(x)
             if src is not None and src is not isl:
                 t = Future(self, isl.name, "transfer", "transfer")
                 t._t_enq = self._engine.now()
@@ -392,25 +364,11 @@ class Runtime:
                             "functools.partial)")
         return jax.device_put(x, isl.replicated())
 
-    def _array_island(self, x):
-        key = self._sh_key.get(x.sharding)
-        if key is None:
-            key = self._sharding_key(x.sharding)
-        owner = self._owner.get(key)
-        if owner is None:
-            for isl in self.islands:  # a subset of one island's devices
-                if key <= isl.device_set and self._owner.get(self._key[isl.name]) is isl:
-                    return isl
-        return owner
-
     def _lookup(self, island):
-        try:
-            return self._isl.get(island)
-        except TypeError:
-            return None
+        return self._index.lookup(island)
 
     def _unknown(self, island):
-        return f"unknown island {island!r}; this runtime's islands are {[i.name for i in self.islands]}"
+        return self._index.unknown(island)
 
     # -- transfers -----------------------------------------------------------------------------
     def _copy(self, src, isl):
@@ -443,7 +401,7 @@ class Runtime:
 
         def move():
             v = src_fut._get_value() if src_fut is not None else value
-            out, nbytes = self._move(v, isl, wire, link.block_size, spec)
+            out, nbytes = network.move(v, isl, wire, link.block_size, spec)
             if src_name != "host":
                 self.links.record(src_name, isl.name, nbytes)
             return out, nbytes
@@ -471,38 +429,6 @@ class Runtime:
         if deferred:
             self._engine.undefer(fut)
         return None
-
-    def _move(self, v, isl, wire, block, spec):
-        leaves, tdef = jax.tree_util.tree_flatten(v)
-        out, nbytes = [], 0
-        for x in leaves:
-            if not isinstance(x, jax.Array):
-                x = np.asarray(x)
-            target = self._target(x, isl, spec)
-            if wire is None or not np.issubdtype(x.dtype, np.floating):
-                out.append(jax.device_put(x, target))
-                nbytes += x.nbytes
-                continue
-            if not isinstance(x, jax.Array):
-                x = jax.device_put(x, target)
-            payload = network.encoder(wire, block)(x)
-            nbytes += sum(p.nbytes for p in payload)
-            moved = jax.device_put(payload, isl.replicated())
-            out.append(network.decoder(wire, block, tuple(x.shape), x.dtype, target)(moved))
-        return jax.tree_util.tree_unflatten(tdef, out), nbytes
-
-    def _target(self, x, isl, spec):
-        if spec is not None:
-            return isl.sharding(spec)
-        sh = getattr(x, "sharding", None)
-        if isinstance(sh, NamedSharding) and tuple(sh.mesh.axis_names) == tuple(isl.mesh.axis_names) \
-                and sh.mesh.devices.shape == isl.mesh.devices.shape:
-            key = (sh.spec, isl.name)
-            t = self._targets.get(key)
-            if t is None:
-                t = self._targets[key] = NamedSharding(isl.mesh, sh.spec)
-            return t
-        return isl.replicated()
 
     # -- gangs ---------------------------------------------------------------------------------
     def _pump_gangs(self):
