@@ -27,6 +27,7 @@ import json
 import logging
 import pathlib
 import signal
+import sys
 import threading
 import time
 from typing import Any
@@ -178,6 +179,11 @@ class Checkpointer:
       self._raise_pending()
 
   def _write(self, step, snap, meta):
+    # Orbax's Python (serialization, asyncio) holds the GIL in slices of the
+    # switch interval (5 ms by default): the training thread would wait that
+    # long for each dispatch. A short interval while writing keeps it prompt.
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(min(interval, 2e-4))
     try:
       self._manager.save(
           step,
@@ -187,6 +193,8 @@ class Checkpointer:
       self._manager.wait_until_finished()
     except BaseException as e:  # reported on the caller's thread at the next call
       self._error = e
+    finally:
+      sys.setswitchinterval(interval)
 
   def _join(self):
     if self._thread is not None:
