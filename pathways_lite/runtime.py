@@ -39,10 +39,12 @@ affected. ``shutdown()`` (also on leaving ``with``) waits for everything in flig
 """
 from __future__ import annotations
 
+import atexit
 import collections
 import itertools
 import math
 import threading
+import weakref
 
 import jax
 
@@ -62,6 +64,17 @@ except ImportError:  # pragma: no cover
 __all__ = ["Runtime", "GANG_AXIS"]
 
 _JIT_CACHE_MAX = 4096
+_LIVE = weakref.WeakSet()   # runtimes not shut down yet
+
+
+@atexit.register
+def _stop_live_runtimes():
+    """Stop runtimes left running at exit (threads blocked in XLA at exit can abort the process)."""
+    live = list(_LIVE)
+    for rt in live:
+        rt.shutdown(wait=False)
+    for rt in live:
+        rt._engine.stop(2.0)
 
 
 class _Missing(Exception):
@@ -122,6 +135,8 @@ class Runtime:
         self._index = IslandIndex(islands)
         self._sh_key = self._index.sh_key        # sharding -> device-set key (hot path)
         self._isl_key = self._index.island_key
+        self._book = {i.name: (i.name,) for i in islands}   # islands a call occupies
+        self._now = self._engine.now
         self._jit = {}
         self._zero_arg_jit = {}
         self._unions = {}
@@ -131,6 +146,7 @@ class Runtime:
         self._gang_seq = itertools.count()
         self._pumping = False
         self._closed = False
+        _LIVE.add(self)
 
     # -- public API ----------------------------------------------------------------------------
     def __enter__(self):
@@ -155,13 +171,37 @@ class Runtime:
             raise RuntimeError("Runtime.call: the runtime is shut down; make a new Runtime")
         isl = self._lookup(island)
         fut = Future(self, isl.name if isl is not None else str(island), name or _fn_name(fn))
-        fut._t_enq = self._engine.now()
+        fut._t_enq = self._now()
         try:
             if isl is None:
                 raise ValueError(self._unknown(island))
             cost = _check(fn, cost, "call", fut.name)
         except Exception as e:
             return self._engine.fail_now(fut, e)
+        # Fast path: every argument is a Future of this island with its value, or an array on it.
+        iname, vals, deps = isl.name, [], []
+        for a in args:
+            t = type(a)
+            if t is Future:
+                if a._rt is self and a._exc is None and a.island == iname and a._value is not MISSING:
+                    vals.append(a._value)
+                    deps.append(a)
+                    continue
+            elif t is _ArrayType and self._sh_key.get(a.sharding) is self._isl_key[iname]:
+                vals.append(a)
+                continue
+            break
+        else:
+            jf = self._jit.get(fn)
+            if jf is not None and args:
+                try:
+                    out = jf(*vals)
+                except Exception as e:
+                    return self._engine.fail_now(fut, e)
+                fut._parents = tuple(deps)
+                self._engine.submit(fut, out, self._book[iname], cost)
+                fut._value = out
+                return fut
         self._run_call(fut, (fn, args, isl, cost))
         return fut
 
@@ -236,7 +276,8 @@ class Runtime:
         if wait:
             self._engine.drain()
         self._closed = True
-        self._engine.stop()
+        _LIVE.discard(self)
+        self._engine.stop(None if wait else 0)
 
     def pending(self) -> list[dict]:
         """In-flight work not yet finished (virtual clock: every queued event with its times)."""
@@ -275,7 +316,7 @@ class Runtime:
             out = self._jitted(fn, isl, bool(args))(*vals)
         except Exception as e:
             return self._engine.fail_now(fut, e)
-        self._engine.submit(fut, out, (isl.name,), cost)
+        self._engine.submit(fut, out, self._book[isl.name], cost)
         fut._value = out
         if deferred:
             self._engine.undefer(fut)

@@ -39,6 +39,16 @@ _new_tuple = tuple.__new__   # builds a Span without NamedTuple's Python-level _
 log = logging.getLogger(__name__)
 
 
+def _is_ready(value) -> bool:
+    """Whether every array in ``value`` is computed (True when that cannot be told)."""
+    try:
+        if type(value) is ArrayImpl:
+            return value.is_ready()
+        return all(x.is_ready() for x in jax.tree_util.tree_leaves(value))
+    except Exception:
+        return True
+
+
 def run_waiters(ws):
     for w in ws:
         try:
@@ -220,7 +230,10 @@ class RealEngine(Engine):
         Callers publish ``fut``'s value only after this put, so a future is always queued
         after its inputs and the completion threads (which wait for inputs) cannot deadlock.
         """
-        self._queue(fut.island).put((fut, gang, value))
+        q = self._queues.get(fut.island)
+        if q is None:
+            q = self._queue(fut.island)
+        q.put((fut, gang, value))
 
     def _wait_settled(self, fut):
         if fut._state < FINISHED:
@@ -228,19 +241,33 @@ class RealEngine(Engine):
                 while fut._state < FINISHED:
                     self.cond.wait()
 
+    # Seconds a completion thread waits to gather a batch when work completes faster than it is
+    # dispatched (tiny ops): fewer wake-ups competing with the controller for the GIL. Work that
+    # is still running when the thread looks at it is finished the moment it completes.
+    batch_s = 0.0005
+
     def _complete_loop(self, q):
-        get = q.get
+        get, get_nowait = q.get, q.get_nowait
         while True:
-            item = get()
-            if item is _STOP:
-                return
-            fut = item[0]
-            if fut._state >= FINISHED:      # finished early by a waiting thread (help)
-                continue
-            for p in fut._parents:
-                if p._state < FINISHED:
-                    self._wait_settled(p)
-            self._settle(fut, item[1], item[2])
+            items = [get()]
+            last = items[0]
+            if last is not _STOP and _is_ready(last[2]) and self.batch_s > 0:
+                time.sleep(self.batch_s)
+            try:
+                while True:
+                    items.append(get_nowait())
+            except queue.Empty:
+                pass
+            for item in items:
+                if item is _STOP:
+                    return
+                fut = item[0]
+                if fut._state >= FINISHED:      # finished early by a waiting thread (help)
+                    continue
+                for p in fut._parents:
+                    if p._state < FINISHED:
+                        self._wait_settled(p)
+                self._settle(fut, item[1], item[2])
 
     def _settle(self, fut, gang, value):
         """Finish a dispatched ``fut`` whose parents are finished, once ``value`` is ready."""
@@ -358,11 +385,12 @@ class RealEngine(Engine):
         """Wait until no deferred work is left (then every queued item is a dispatched one)."""
         return self.wait_until(lambda: not self.deferred, timeout)
 
-    def stop(self):
+    def stop(self, timeout=None):
+        """Stop the threads once they have finished what was queued (join up to ``timeout``)."""
         for q in list(self._queues.values()) + list(self._links.values()):
             q.put(_STOP)
         for t in self._threads:
-            t.join()
+            t.join(timeout)
 
 
 class VirtualEngine(Engine):
@@ -441,7 +469,7 @@ class VirtualEngine(Engine):
     def drain(self, timeout=None) -> bool:
         return self.wait_until(lambda: self.clock.peek_time() is None, timeout)
 
-    def stop(self):
+    def stop(self, timeout=None):
         pass
 
     def pending(self):
