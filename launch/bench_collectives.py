@@ -47,6 +47,9 @@ flags.DEFINE_list("step_tokens", ["2048", "8192"], "tokens per device per step")
 flags.DEFINE_integer("step_dim", 2048, "model width of the MLP blocks")
 flags.DEFINE_integer("step_layers", 4, "MLP blocks")
 flags.DEFINE_bool("quick", False, "tiny sizes (CPU smoke test)")
+flags.DEFINE_list("agmm_configs", [], "subset of the Pallas tilings to run")
+flags.DEFINE_list("ar_variants", ["132:4", "264:4", "264:8"], "ctas:vec")
+flags.DEFINE_bool("checks", True, "run the ring-kernel correctness checks")
 FLAGS = flags.FLAGS
 
 
@@ -104,6 +107,14 @@ def max_rel_err(got, want):
   return float(np.max(np.abs(g - w)) / max(1.0, float(np.max(np.abs(w)))))
 
 
+_CURRENT = {}
+
+
+def emit():
+  """Print the section's results so far (the orchestrator keeps the last)."""
+  print("@@RESULT@@" + json.dumps(_CURRENT), flush=True)
+
+
 def _err(e):
   return f"{type(e).__name__}: {str(e)[:600]}"
 
@@ -136,6 +147,7 @@ def section_agmm(res):
   res["local_matmul_only_ms"] = timeit(local, x_all, w)[0] * 1e3
   flops = 2 * (n * s) * s * s
   res["local_matmul_tflops"] = flops / res["local_matmul_only_ms"] * 1e-9
+  emit()
   ok, why = pallas_gpu.is_available()
   if not ok:
     res["pallas"] = f"skipped: {why}"
@@ -148,6 +160,8 @@ def section_agmm(res):
       "m128n128k64s3_N8_wgN": C(max_concurrent_steps=3, grid_tile_width=8),
   }
   res["pallas"] = {}
+  if FLAGS.agmm_configs:
+    configs = {k: v for k, v in configs.items() if k in FLAGS.agmm_configs}
   for name, cfg in configs.items():
     r = res["pallas"][name] = {}
     try:
@@ -166,6 +180,7 @@ def section_agmm(res):
     except Exception as e:  # noqa: BLE001
       r["error"] = _err(e)
       traceback.print_exc()
+    emit()
   done = [v for v in res["pallas"].values() if v.get("ok")]
   if done:
     best = min(done, key=lambda v: v["ms"])
@@ -203,6 +218,7 @@ def _ring_checks(res, mesh):
     except Exception as e:  # noqa: BLE001
       checks[name] = {"error": _err(e)}
       traceback.print_exc()
+    emit()
 
 
 def section_allreduce(res):
@@ -215,7 +231,7 @@ def section_allreduce(res):
   n = mesh.shape["x"]
   res["shards"] = n
   ok, why = pallas_gpu.is_available()
-  if ok:
+  if ok and FLAGS.checks:
     _ring_checks(res, mesh)
   sizes = [1] if FLAGS.quick else [int(v) for v in FLAGS.ar_mib]
   res["sizes"] = {}
@@ -230,10 +246,11 @@ def section_allreduce(res):
     want = psum(x)
     t = timeit(psum, x)[0]
     r["xla_ms"], r["xla_busbw_GBps"] = t * 1e3, nbytes * factor / t / 1e9
+    emit()
     if not ok:
       r["pallas"] = f"skipped: {why}"
       continue
-    for ctas, vec in ((132, 4), (264, 4), (264, 8)):
+    for ctas, vec in (map(int, v.split(":")) for v in FLAGS.ar_variants):
       key = f"pallas_ctas{ctas}_vec{vec}"
       try:
         fn = _smap(lambda v, c=ctas, e=vec: pallas_gpu.all_reduce(
@@ -246,6 +263,7 @@ def section_allreduce(res):
       except Exception as e:  # noqa: BLE001
         r[key] = {"error": _err(e)}
         traceback.print_exc()
+      emit()
     del x, want
 
 
@@ -328,8 +346,9 @@ SECTIONS = {"agmm": section_agmm, "allreduce": section_allreduce,
 
 def _run_section(name):
   jax = _jax()
-  res = {"jax": jax.__version__, "devices": [str(d) for d in jax.devices()],
-         "device_kind": jax.devices()[0].device_kind}
+  res = _CURRENT
+  res.update({"jax": jax.__version__, "devices": [str(d) for d in jax.devices()],
+              "device_kind": jax.devices()[0].device_kind})
   t0 = time.perf_counter()
   try:
     SECTIONS[name](res)
@@ -397,9 +416,13 @@ def main(argv):
                        {"error": f"exit {p.returncode}", "stderr_tail": p.stderr[-2000:]})
       sys.stderr.write(p.stderr[-4000:])
     except subprocess.TimeoutExpired as e:
-      results[name] = {"error": f"timed out after {limit:.0f} s (hung kernel?)",
-                       "stderr_tail": (e.stderr or b"")[-2000:].decode(errors="replace")
-                       if isinstance(e.stderr, bytes) else str(e.stderr)[-2000:]}
+      def text(v):
+        return v.decode(errors="replace") if isinstance(v, bytes) else (v or "")
+      lines = [l for l in text(e.stdout).splitlines()
+               if l.startswith("@@RESULT@@")]
+      results[name] = json.loads(lines[-1][len("@@RESULT@@"):]) if lines else {}
+      results[name]["error"] = f"timed out after {limit:.0f} s (partial results)"
+      results[name]["stderr_tail"] = text(e.stderr)[-2000:]
     results[name]["process_wall_s"] = time.perf_counter() - t0
     if FLAGS.out:
       with open(FLAGS.out, "w") as f:
