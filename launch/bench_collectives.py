@@ -231,8 +231,6 @@ def section_allreduce(res):
   n = mesh.shape["x"]
   res["shards"] = n
   ok, why = pallas_gpu.is_available()
-  if ok and FLAGS.checks:
-    _ring_checks(res, mesh)
   sizes = [1] if FLAGS.quick else [int(v) for v in FLAGS.ar_mib]
   res["sizes"] = {}
   for mib in sizes:
@@ -265,6 +263,8 @@ def section_allreduce(res):
         traceback.print_exc()
       emit()
     del x, want
+  if ok and FLAGS.checks:
+    _ring_checks(res, mesh)
 
 
 def section_step(res):
