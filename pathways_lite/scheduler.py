@@ -250,38 +250,55 @@ class RealEngine(Engine):
         get, get_nowait = q.get, q.get_nowait
         while True:
             items = [get()]
-            last = items[0]
-            if last is not _STOP and _is_ready(last[2]) and self.batch_s > 0:
+            if items[0] is not _STOP and self.batch_s > 0 and _is_ready(items[0][2]):
                 time.sleep(self.batch_s)
             try:
                 while True:
                     items.append(get_nowait())
             except queue.Empty:
                 pass
-            for item in items:
-                if item is _STOP:
-                    return
-                fut = item[0]
-                if fut._state >= FINISHED:      # finished early by a waiting thread (help)
-                    continue
-                for p in fut._parents:
-                    if p._state < FINISHED:
-                        self._wait_settled(p)
-                self._settle(fut, item[1], item[2])
+            stop = any(it is _STOP for it in items)
+            self._settle_many([it for it in items if it is not _STOP and it[0]._state < FINISHED])
+            if stop:
+                return
 
-    def _settle(self, fut, gang, value):
+    def _settle_many(self, items):
+        """Finish dispatched (fut, gang, value) items in order with as few GIL releases as possible.
+
+        ``block_until_ready`` releases the GIL even on ready arrays (a hand-off to the controller
+        each time), so ready items are blocked on together in one call; an item still running
+        is blocked on alone, so that it finishes as soon as it completes.
+        """
+        i, n = 0, len(items)
+        while i < n:
+            j = i
+            while j < n and _is_ready(items[j][2]):
+                j += 1
+            j = max(j, i + 1)
+            chunk = items[i:j]
+            try:
+                jax.block_until_ready([it[2] for it in chunk])
+                ok = True
+            except BaseException:      # some computation failed: find out which, one by one
+                ok = False
+            for fut, gang, value in chunk:
+                if fut._state < FINISHED:
+                    for p in fut._parents:
+                        if p._state < FINISHED:
+                            self._wait_settled(p)
+                    self._settle(fut, gang, value, blocked=ok)
+            i = j
+
+    def _settle(self, fut, gang, value, blocked=False):
         """Finish a dispatched ``fut`` whose parents are finished, once ``value`` is ready."""
         exc = None
         for p in fut._parents:
             if p._exc is not None:
                 exc = p._exc
                 break
-        if exc is None:
+        if exc is None and not blocked:
             try:
-                if type(value) is ArrayImpl:
-                    value.block_until_ready()
-                else:
-                    jax.block_until_ready(value)
+                jax.block_until_ready(value)
             except BaseException as e:  # the computation failed on the device
                 exc = e
         t_end = self.clock.now()
@@ -300,21 +317,30 @@ class RealEngine(Engine):
 
     def help(self, root) -> None:
         """Finish ``root`` and its unfinished ancestors on this thread (lower latency for result())."""
-        stack = [(root, False)]
-        while stack:
+        order, stack, seen = [], [(root, False)], set()
+        while stack:           # post-order walk: ancestors before dependants
             f, expanded = stack.pop()
             if f._state >= FINISHED:
                 continue
-            if not expanded:
-                stack.append((f, True))
-                stack.extend((p, False) for p in f._parents if p._state < FINISHED)
+            if expanded:
+                order.append(f)
                 continue
+            if id(f) in seen:
+                continue
+            seen.add(id(f))
+            stack.append((f, True))
+            stack.extend((p, False) for p in f._parents if p._state < FINISHED)
+        ready = []
+        for f in order:
             gang = f._gang[0] if f._gang is not None else None
             value = gang.out if gang is not None else f._value
-            if f._state != RUNNING or value is MISSING or any(p._state < FINISHED for p in f._parents):
+            if f._state != RUNNING or value is MISSING:
+                self._settle_many(ready)
+                ready = []
                 self._wait_settled(f)       # deferred / on a link: its own thread finishes it
             else:
-                self._settle(f, gang, value)
+                ready.append((f, gang, value))
+        self._settle_many(ready)
 
     # -- delayed links -------------------------------------------------------------------------
     def submit_link(self, fut, key, link, move):
