@@ -65,6 +65,7 @@ class Future:
     _nbytes = 0
     _src = ""
     _job = None            # the deferred job while PENDING
+    _memo = None           # transfers a deferred job already started (see Runtime._resolve)
 
     def __init__(self, rt, island: str, name: str, kind: str | None = None):
         self._rt = rt

@@ -300,9 +300,11 @@ class Runtime:
             return None
         fn, args, isl, cost = job
         deps = []
+        memo = fut._memo if fut._memo is not None else {}
         try:
-            vals = [self._resolve(a, isl, deps) for a in args]
+            vals = [self._resolve(a, isl, deps, memo) for a in args]
         except _Missing as m:
+            fut._memo = memo      # transfers already started are reused on the retry
             return self._defer(fut, job, m.fut, self._run_call)
         except _Failed as f:
             return self._engine.fail_now(fut, f.exc)
@@ -319,6 +321,7 @@ class Runtime:
         self._engine.submit(fut, out, self._book[isl.name], cost)
         fut._value = out
         if deferred:
+            fut._memo = None
             self._engine.undefer(fut)
         return None
 
@@ -346,8 +349,12 @@ class Runtime:
         return jf
 
     # -- argument resolution -------------------------------------------------------------------
-    def _resolve(self, a, isl, deps):
-        """One argument (a pytree) as values on ``isl``; Futures' deps appended to ``deps``."""
+    def _resolve(self, a, isl, deps, memo):
+        """One argument (a pytree) as values on ``isl``; Futures' deps appended to ``deps``.
+
+        ``memo`` remembers the transfers started for arrays of other islands, so that a job
+        resolved again after waiting (deferred) does not start them twice.
+        """
         t = type(a)
         if t is Future:
             return self._future_value(a, isl, deps)
@@ -358,11 +365,11 @@ class Runtime:
                 key = self._index.key(sh)
             if key is self._isl_key[isl.name]:
                 return a
-            return self._place(a, isl, deps)
+            return self._place(a, isl, deps, memo)
         leaves, tdef = jax.tree_util.tree_flatten(a)
         if len(leaves) == 1 and leaves[0] is a:
-            return self._place(a, isl, deps)
-        return jax.tree_util.tree_unflatten(tdef, [self._resolve(x, isl, deps) for x in leaves])
+            return self._place(a, isl, deps, memo)
+        return jax.tree_util.tree_unflatten(tdef, [self._resolve(x, isl, deps, memo) for x in leaves])
 
     def _future_value(self, a, isl, deps):
         if a._rt is not self:
@@ -390,13 +397,17 @@ class Runtime:
         raise ValueError(f"Future {a.name!r} belongs to another Runtime; futures work only "
                          "within the runtime that made them (pass its result() instead)")
 
-    def _place(self, x, isl, deps):
+    def _place(self, x, isl, deps, memo):
         """A non-Future leaf on ``isl``: arrays of another island go through the link."""
         if isinstance(x, jax.Array):
             src = self._index.owner(x)
             if src is not None and src is not isl:
+                hit = memo.get((id(x), isl.name))
+                if hit is not None:
+                    return self._future_value(hit[1], isl, deps)
                 t = Future(self, isl.name, "transfer", "transfer")
                 t._t_enq = self._engine.now()
+                memo[(id(x), isl.name)] = (x, t)     # holding x keeps its id unique
                 self._start_transfer(t, None, x, src.name, isl, None, None)
                 return self._future_value(t, isl, deps)
         elif isinstance(x, (str, bytes)) or x is None or callable(x):
@@ -505,9 +516,11 @@ class Runtime:
         fn, args, isls, union, cost = job
         n = len(isls)
         deps = []
+        memo = futs[0]._memo if futs[0]._memo is not None else {}
         try:
-            gargs = [self._gang_arg(a, isls, union, deps) for a in args]
+            gargs = [self._gang_arg(a, isls, union, deps, memo) for a in args]
         except _Missing as m:
+            futs[0]._memo = memo
             for f in futs:
                 if f._state != PENDING:
                     self._engine.defer(f, job)
@@ -539,6 +552,7 @@ class Runtime:
         parents = tuple(deps)
         for f in futs:
             f._parents, f._src = parents, seq
+        futs[0]._memo = None
         self._engine.submit(futs[0], out, tuple(i.name for i in isls), cost, gang=res)
         for k in range(n):
             futs[k]._gang = (res, k)
@@ -548,7 +562,7 @@ class Runtime:
                 self._engine.undefer(f)
         return True
 
-    def _gang_arg(self, a, isls, union, deps):
+    def _gang_arg(self, a, isls, union, deps, memo):
         n = len(isls)
         entries = a if (type(a) is list and len(a) == n) else [a] * n
         e0 = entries[0]
@@ -560,7 +574,7 @@ class Runtime:
                     raise _Failed(e0._exc)
                 deps.append(e0)
                 return res.out
-        per = [self._resolve(e, isl, deps) for e, isl in zip(entries, isls)]
+        per = [self._resolve(e, isl, deps, memo) for e, isl in zip(entries, isls)]
         flat = [jax.tree_util.tree_flatten(p) for p in per]
         tdef = flat[0][1]
         for (leaves, td), isl in zip(flat, isls):

@@ -11,7 +11,7 @@ from jax.sharding import PartitionSpec as P
 from pathways_lite.futures import as_completed, wait
 from pathways_lite.islands import make_islands
 from pathways_lite.runtime import Runtime
-from tests.runtime.conftest import add, add1, mat, times3
+from tests.runtime.conftest import add, add1, mat, slow_link_runtime, times3
 
 
 def tree_fn(params, x, scale):
@@ -53,6 +53,14 @@ def test_cross_island_future_args_are_transferred(rt4, islands4):
     assert rt4.links.stats()["island0->island3"]["transfers"] == 1
     t = rt4.transfer(a, island="island1", spec=P("data"))
     assert t.result(timeout=60).sharding.spec == P("data")
+
+
+def test_array_of_another_island_behind_a_slow_link_moves_once(islands4):
+    with slow_link_runtime(islands4, latency=0.1) as rt:
+        x = rt.call(add1, np.ones(8, np.float32), island="island0").result(timeout=60)  # raw array
+        f = rt.call(add, x, x, island="island1")         # waits on the link, then resumes
+        np.testing.assert_array_equal(f.result(timeout=60), np.full(8, 4.0))
+        assert rt.links.stats()["island0->island1"] == {"bytes": 32, "transfers": 1}
 
 
 def test_result_finishes_ancestors_first(rt4):
