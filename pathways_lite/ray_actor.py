@@ -19,10 +19,12 @@ never runs user Python other than the jitted functions it is sent:
   per source link), decodes it onto the island's devices.
 - ``fetch(key)``: the value as numpy (for ``Future.result()``); ``free(keys)``.
 
-The actor is an asyncio actor: waiting on inputs never blocks it. Computations
-run on one thread (an island runs one thing at a time, in readiness order);
-transfers and fetches on another, so they overlap with computation. Outputs
-are found by key, whatever order Ray delivers the method calls in.
+The actor is an asyncio actor: waiting on inputs never blocks it. A call is
+dispatched from the event loop as soon as its inputs exist (JAX dispatch is
+asynchronous; the first call of a shape compiles there) and, unless already
+done, awaited on a helper thread; transfers and fetches run on another
+thread, so they overlap with computation. Outputs are found by key, whatever
+order Ray delivers the method calls in.
 """
 from __future__ import annotations
 
@@ -97,6 +99,8 @@ class IslandActor:
         shape = tuple(mesh_shape) if mesh_shape else (num_devices,)
         self.mesh = Mesh(np.array(self.devices, dtype=object).reshape(shape), tuple(mesh_axes))
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
+        # one-device island on the default device: jit places host arguments there itself (faster)
+        self.default_is_island = len(self.devices) == 1 and self.devices[0] == jax.devices()[0]
         self.store: dict[int, asyncio.Future] = {}
         self.raw: dict = {}      # fn_id -> asyncio future of the function as shipped
         self.fns: dict = {}      # (fn_id, zero_arg) -> its jitted form
@@ -148,8 +152,10 @@ class IslandActor:
             self.fns.pop((f, True), None)
 
     # -- computations ----------------------------------------------------------------------------
-    async def call(self, key, fn_id, fn_ref, spec, zero_arg: bool, inline_bytes: int):
+    async def call(self, msg):
+        """``msg = (key, fn_id, fn_ref, spec, zero_arg, inline_bytes)`` (one argument: cheaper to send)."""
         import jax
+        key, fn_id, fn_ref, spec, zero_arg, inline_bytes = msg
         slot = self._slot(key)
         try:
             fn = self.fns.get((fn_id, zero_arg))
@@ -162,9 +168,13 @@ class IslandActor:
                 self.fns[(fn_id, zero_arg)] = fn
             leaves, tdef = jax.tree_util.tree_flatten(spec, is_leaf=lambda x: type(x) is Ref)
             vals = [(await self._get(x.key)) if type(x) is Ref else x for x in leaves]
-            loop = asyncio.get_running_loop()
             t0 = time.time()
-            out, host = await loop.run_in_executor(self.compute, self._run, fn, tdef, vals, inline_bytes)
+            out = self._launch(fn, tdef, vals)     # dispatch is asynchronous: returns at once
+            leaves = jax.tree_util.tree_leaves(out)
+            if not all(x.is_ready() for x in leaves if hasattr(x, "is_ready")):
+                await asyncio.get_running_loop().run_in_executor(self.compute, jax.block_until_ready, out)
+            jax.block_until_ready(out)             # done: raises a failure of the computation
+            host = self._inline(out, inline_bytes)
             t1 = time.time()
         except BaseException as e:
             self._fail(slot, e)
@@ -182,14 +192,14 @@ class IslandActor:
             slot.set_result(await fn_ref[0])
         return await slot
 
-    def _run(self, fn, tdef, vals, inline_bytes):
+    def _launch(self, fn, tdef, vals):
         import jax
-        rep = self.replicated
-        vals = [v if isinstance(v, jax.Array) else jax.device_put(v, rep) for v in vals]
-        args = jax.tree_util.tree_unflatten(tdef, vals)
-        out = fn(*args)
-        jax.block_until_ready(out)
-        return out, self._inline(out, inline_bytes)
+        host = [i for i, v in enumerate(vals) if not isinstance(v, jax.Array)]
+        if host and not self.default_is_island:   # jit would put host values on the default device
+            placed = jax.device_put([vals[i] for i in host], self.replicated)
+            for i, v in zip(host, placed):
+                vals[i] = v
+        return fn(*jax.tree_util.tree_unflatten(tdef, vals))
 
     @staticmethod
     def _inline(out, limit):
@@ -226,8 +236,10 @@ class IslandActor:
             out.append(Leaf(arrays, tuple(x.shape), np.dtype(x.dtype), spec, mesh))
         return jax.tree_util.tree_unflatten(tdef, out)
 
-    async def import_(self, key, src, source, wire, block, spec, link, inline_bytes):
+    async def import_(self, msg):
+        """``msg = (key, src, source, wire, block, spec, link, inline_bytes)``."""
         import jax
+        key, src, source, wire, block, spec, link, inline_bytes = msg
         slot = self._slot(key)
         loop = asyncio.get_running_loop()
         try:

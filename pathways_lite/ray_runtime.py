@@ -336,8 +336,8 @@ class RayRuntime:
         fut._parents = tuple(deps)
         fref = self._ship(fid, fn, st)
         key = next(self._keys)
-        ref = st.actor.call.remote(key, fid, fref, jax.tree_util.tree_unflatten(tdef, spec), not args,
-                                   self.inline_bytes)
+        ref = st.actor.call.remote((key, fid, fref, jax.tree_util.tree_unflatten(tdef, spec), not args,
+                                    self.inline_bytes))
         self._launched(fut, st, key, ref)
         if self.virtual:
             self._engine.submit(fut, None, book, cost)
@@ -398,8 +398,8 @@ class RayRuntime:
             self._link_seq[lk] = seq + 1
             delay = (link.latency_s, link.bandwidth_bytes_per_s, seq)
         key = next(self._keys)
-        ref = st.actor.import_.remote(key, src_name, source, wire, link.block_size, spec, delay,
-                                      self.inline_bytes)
+        ref = st.actor.import_.remote((key, src_name, source, wire, link.block_size, spec, delay,
+                                       self.inline_bytes))
         fut._aval, fut._akey = aval, akey
         if src_name != "host":
             fut._link = (src_name, st.name)

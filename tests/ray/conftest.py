@@ -1,4 +1,6 @@
 """One local Ray cluster per test module (actors are separate processes with their own JAX)."""
+import warnings
+
 import pytest
 
 ray = pytest.importorskip("ray")
@@ -8,7 +10,9 @@ ray = pytest.importorskip("ray")
 def ray_cluster():
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
-             object_store_memory=512 * 1024 * 1024)
+    with warnings.catch_warnings():   # Ray starts its daemons with fork+exec: harmless here
+        warnings.filterwarnings("ignore", message="os.fork", category=RuntimeWarning)
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+                 object_store_memory=512 * 1024 * 1024)
     yield ray
     ray.shutdown()
