@@ -139,7 +139,7 @@ class Runtime:
         self._now = self._engine.now
         self._jit = {}
         self._zero_arg_jit = {}
-        self._unions = {}
+        self._gang_specs = {}
         self._gang_jit = {}
         self._gang_lock = threading.RLock()
         self._gang_q = collections.deque()
@@ -236,35 +236,54 @@ class Runtime:
         """Run ``fn`` on every island of ``islands`` at once (collectives over GANG_AXIS)."""
         if self._closed:
             raise RuntimeError("Runtime.gang: the runtime is shut down; make a new Runtime")
-        if isinstance(islands, (str, Island)) or not hasattr(islands, "__iter__"):
-            raise TypeError(f"gang: islands must be a list of island names, got {islands!r}")
-        islands = list(islands)
-        isls = [self._lookup(i) for i in islands]
+        t = type(islands)
+        if t is not list and t is not tuple:
+            if isinstance(islands, (str, Island)) or not hasattr(islands, "__iter__"):
+                raise TypeError(f"gang: islands must be a list of island names, got {islands!r}")
+            islands = list(islands)
         label = name or _fn_name(fn)
-        futs = [Future(self, isl.name if isl is not None else str(i), label, "gang")
-                for isl, i in zip(isls, islands)]
-        now = self._engine.now()
-        for f in futs:
-            f._t_enq = now
+        now = self._now()
         try:
-            if not futs:
-                raise ValueError("gang: islands is empty")
-            for isl, i in zip(isls, islands):
-                if isl is None:
-                    raise ValueError(self._unknown(i))
+            spec = self._gang_specs.get(tuple(islands))
+        except TypeError:   # unhashable entries
+            spec = None
+        if spec is None:
+            try:
+                spec = self._gang_spec(islands)
+            except Exception as e:
+                futs = [Future(self, str(getattr(i, "name", i)), label, "gang") for i in islands]
+                for f in futs:
+                    f._t_enq = now
+                    self._engine.fail_now(f, e)
+                return futs
+        isls, union, names = spec
+        futs = []
+        for nm in names:
+            f = Future(self, nm, label, "gang")
+            f._t_enq = now
+            futs.append(f)
+        try:
             cost = _check(fn, cost, "gang", label)
-            key = tuple(i.name for i in isls)
-            union = self._unions.get(key)
-            if union is None:
-                union = self._unions[key] = Union(isls)
         except Exception as e:
             for f in futs:
                 self._engine.fail_now(f, e)
             return futs
         with self._gang_lock:
-            self._gang_q.append((futs, (fn, args, isls, union, cost)))
+            self._gang_q.append((futs, (fn, args, isls, union, cost, names)))
             self._pump_gangs()
         return futs
+
+    def _gang_spec(self, islands):
+        """(islands, Union, names) for a list of island names; cached; raises on bad input."""
+        if not islands:
+            raise ValueError("gang: islands is empty")
+        isls = [self._lookup(i) for i in islands]
+        for isl, i in zip(isls, islands):
+            if isl is None:
+                raise ValueError(self._unknown(i))
+        spec = (isls, Union(isls), tuple(i.name for i in isls))
+        self._gang_specs[tuple(islands)] = spec
+        return spec
 
     def shutdown(self, wait: bool = True, cancel_pending: bool = False) -> None:
         """Finish (``wait``) or abandon in-flight work and stop the runtime's threads."""
@@ -489,13 +508,18 @@ class Runtime:
             return
         self._pumping = True
         try:
-            while self._gang_q:
-                futs, job = self._gang_q[0]
-                if any(f._state >= FINISHED for f in futs):  # cancelled or failed while queued
-                    exc = next(f._exc for f in futs if f._state >= FINISHED)
+            q = self._gang_q
+            while q:
+                futs, job = q[0]
+                exc = None
+                for f in futs:
+                    if f._state >= FINISHED:   # cancelled or failed while queued
+                        exc = f._exc
+                        break
+                if exc is not None:
                     for f in futs:
                         self._engine.fail_now(f, exc)
-                    self._gang_q.popleft()
+                    q.popleft()
                     continue
                 if not self._try_gang(futs, job):
                     for queued, qjob in itertools.islice(self._gang_q, 1, None):
@@ -503,7 +527,7 @@ class Runtime:
                             if f._state != PENDING and f._state < FINISHED:
                                 self._engine.defer(f, qjob)
                     break
-                self._gang_q.popleft()
+                q.popleft()
         finally:
             self._pumping = False
 
@@ -513,8 +537,7 @@ class Runtime:
 
     def _try_gang(self, futs, job) -> bool:
         """Dispatch one gang; False if an input is not available yet (it stays queued)."""
-        fn, args, isls, union, cost = job
-        n = len(isls)
+        fn, args, isls, union, cost, names = job
         deps = []
         memo = futs[0]._memo if futs[0]._memo is not None else {}
         try:
@@ -551,11 +574,14 @@ class Runtime:
         seq = str(next(self._gang_seq))
         parents = tuple(deps)
         for f in futs:
-            f._parents, f._src = parents, seq
+            f._parents = parents
+            f._src = seq
         futs[0]._memo = None
-        self._engine.submit(futs[0], out, tuple(i.name for i in isls), cost, gang=res)
-        for k in range(n):
-            futs[k]._gang = (res, k)
+        self._engine.submit(futs[0], out, names, cost, gang=res)
+        k = 0
+        for f in futs:
+            f._gang = (res, k)
+            k += 1
         if deferred:
             for f in futs:
                 self._engine.publish(f, MISSING)
@@ -567,9 +593,12 @@ class Runtime:
         entries = a if (type(a) is list and len(a) == n) else [a] * n
         e0 = entries[0]
         if type(e0) is Future and e0._gang is not None and e0._gang[0].union is union:
-            res = e0._gang[0]
-            if all(type(e) is Future and e._gang is not None and e._gang[0] is res and e._gang[1] == k
-                   for k, e in enumerate(entries)):
+            res, k = e0._gang[0], 0
+            for e in entries:   # island k's part of one earlier gang over the same islands?
+                if type(e) is not Future or e._gang is None or e._gang[0] is not res or e._gang[1] != k:
+                    break
+                k += 1
+            else:
                 if e0._exc is not None:
                     raise _Failed(e0._exc)
                 deps.append(e0)
