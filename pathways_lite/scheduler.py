@@ -3,10 +3,17 @@
 Internal to the runtime (users see only Futures). The runtime *dispatches*
 work (JAX enqueues it asynchronously) and hands the future to an engine:
 
-- ``RealEngine``: one completion thread per island blocks on the outputs of
-  that island's work in enqueue order and finishes the futures; one thread per
-  delayed link sleeps ``latency + bytes / bandwidth`` per transfer. The
-  controller never blocks on either.
+- ``RealEngine``: one completion thread per island takes that island's
+  futures in enqueue order and finishes each once its outputs are ready; a
+  thread per delayed link holds each transfer for ``latency + bytes /
+  bandwidth``. The controller never blocks on either. Two details keep the
+  completion threads from slowing the controller down (they share the GIL):
+  outputs that are already computed are blocked on together, in one call
+  (``block_until_ready`` releases the GIL even for ready arrays), after a short
+  batching pause (``batch_s``); work still running is waited for alone and
+  finished the moment it completes. ``result()`` and ``wait(ALL_COMPLETED)``
+  finish ready futures (and their ancestors) on the waiting thread itself
+  (``help``), so awaiting one result costs no thread hand-off.
 - ``VirtualEngine``: every submission is booked on the ``VirtualClock``
   (start = max(now, island free, inputs arrived)); futures finish only when
   the controller waits, in (simulated time, sequence number) order.
