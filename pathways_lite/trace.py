@@ -13,7 +13,9 @@ flattens spans into ``enqueue`` / ``start`` / ``end`` events (calls and gangs)
 and ``transfer_start`` / ``transfer_end`` events (transfers; ``peer`` is the
 source island). Under the real clock ``end`` is when the runtime saw the
 outputs ready and ``start`` is the earliest time the island could have
-begun: max(enqueued, the island's previous end, the inputs' ends). Under the
+begun: max(enqueued, the island's previous end, the inputs' ends); work
+shorter than the completion threads' batching window (``RealEngine.batch_s``,
+0.5 ms) gets its observed end, an upper bound. Under the
 virtual clock all times are the simulated schedule, so two runs of one
 program give identical events.
 """
