@@ -2,6 +2,7 @@
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python launch/bench_runtime.py --out=runtime.json
     python launch/bench_runtime.py --quick          # a few seconds, for smoke tests
+    python launch/bench_runtime.py --trace_dir=runs/trace   # + trace.json / trace.png of a chained run
 
 Islands: 2 devices or more -> two islands of one device each; one device
 -> two virtual islands sharing it. Sections (JSON keys):
@@ -17,7 +18,8 @@ Islands: 2 devices or more -> two islands of one device each; one device
            on each island, submitted alternately from the controller, for
            k = 1, 2, 4, ...: utilization = fused wall time (one jitted loop of
            the same ops per island, no per-op dispatch) / runtime wall time,
-           per island; reports the smallest op length with both >= 95%.
+           per island; reports the smallest op length with both >= 95% there
+           and at the next length (a confirmation against timing noise).
   virtual  events/s under the virtual clock: chained trivial calls across the
            islands (calls + transfers are events), and the simulation's own
            cost per event (minus raw jitted dispatch of the same calls).
@@ -242,9 +244,12 @@ def bench_utilization(islands, dim, max_loop, n_ops, budget_s, repeats):
             op_ms = 1e3 * max(f_med) / n_ops / (1 if islands[0].device_set != islands[1].device_set else 2)
             row = {"loop": k, "op_ms": op_ms, "utilization": util}
             rows.append(row)
-            if found is None and min(util) >= 0.95:
+            if min(util) >= 0.95:
+                if found is not None:       # confirmed by the next (longer) length too
+                    break
                 found = row
-                break
+            else:
+                found = None
             k *= 2
         spans_util = {i.name: rt.trace.utilization(i.name) for i in islands}
     return {"matmul_dim": dim, "ops_per_island": n_ops, "sweep": rows,
