@@ -254,6 +254,7 @@ def bench_utilization(islands, dim, max_loop, n_ops, budget_s, repeats):
         spans_util = {i.name: rt.trace.utilization(i.name) for i in islands}
     return {"matmul_dim": dim, "ops_per_island": n_ops, "sweep": rows,
             "smallest_op_ms_at_95pct": found["op_ms"] if found else None,
+            "confirmed_at_next_length": bool(found) and rows[-1] is not found,
             "trace_utilization_last": spans_util}
 
 
