@@ -48,7 +48,8 @@ flags.DEFINE_integer("step_dim", 2048, "model width of the MLP blocks")
 flags.DEFINE_integer("step_layers", 4, "MLP blocks")
 flags.DEFINE_bool("quick", False, "tiny sizes (CPU smoke test)")
 flags.DEFINE_list("agmm_configs", [], "subset of the Pallas tilings to run")
-flags.DEFINE_list("ar_variants", ["132:4", "264:4", "264:8"], "ctas:vec")
+flags.DEFINE_list("ar_variants", ["tma:512:4", "tma:1024:4", "512:4"],
+                  "[tma:]ctas:vec[:tile] (tma: TMA transport, else registers)")
 flags.DEFINE_bool("checks", True, "run the ring-kernel correctness checks")
 FLAGS = flags.FLAGS
 
@@ -154,10 +155,10 @@ def section_agmm(res):
     return
   C = pallas_gpu.MatmulConfig
   configs = {
-      "m128n128k64s4_N4_wgN": C(),
+      "m128n128k64s4_N4_wgN": C(max_concurrent_steps=4, grid_tile_width=4),
       "m128n128k64s4_M8_wgM": C(grid_minor_dim="M", grid_tile_width=8,
                                 wg_dimension="M"),
-      "m128n128k64s3_N8_wgN": C(max_concurrent_steps=3, grid_tile_width=8),
+      "m128n128k64s3_N8_wgN": C(),  # the default
   }
   res["pallas"] = {}
   if FLAGS.agmm_configs:
@@ -248,11 +249,19 @@ def section_allreduce(res):
     if not ok:
       r["pallas"] = f"skipped: {why}"
       continue
-    for ctas, vec in (map(int, v.split(":")) for v in FLAGS.ar_variants):
-      key = f"pallas_ctas{ctas}_vec{vec}"
+    for variant in FLAGS.ar_variants:
+      tma = variant.startswith("tma:")
+      ctas, vec, tile = (list(map(int, variant.removeprefix("tma:").split(":")))
+                         + [4096])[:3]
+      key = f"pallas_{'tma_' if tma else ''}ctas{ctas}_vec{vec}_tile{tile}"
       try:
-        fn = _smap(lambda v, c=ctas, e=vec: pallas_gpu.all_reduce(
-            v, "x", max_ctas=c, vec=e), mesh, P("x"), P("x"))
+        if tma:
+          fn = _smap(lambda v, c=ctas, e=vec, t=tile: pallas_gpu.all_reduce_tma(
+              v, "x", max_ctas=c, vec=e, rows=t // 256), mesh, P("x"), P("x"))
+        else:
+          fn = _smap(lambda v, c=ctas, e=vec, t=tile: pallas_gpu.all_reduce(
+              v, "x", transport="registers", max_ctas=c, vec=e, tile=t),
+              mesh, P("x"), P("x"))
         err = max_rel_err(fn(x), want)
         t = timeit(fn, x)[0]
         r[key] = {"ms": t * 1e3, "busbw_GBps": nbytes * factor / t / 1e9,
