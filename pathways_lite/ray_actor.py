@@ -89,6 +89,8 @@ class IslandActor:
         import jax
         from jax.sharding import Mesh, NamedSharding, PartitionSpec
         if distributed:   # multi-host island: one actor per host (see ray_islands' docstring)
+            if os.environ.get("JAX_PLATFORMS") == "cpu":   # CPU collectives across processes
+                jax.config.update("jax_cpu_collectives_implementation", "gloo")
             jax.distributed.initialize(**distributed)
         devs = jax.devices() if distributed else jax.local_devices()
         if num_devices > len(devs):
@@ -208,6 +210,10 @@ class IslandActor:
         leaves = jax.tree_util.tree_leaves(out)
         if sum(getattr(x, "nbytes", 0) for x in leaves) > limit:
             return None
+        if not all(getattr(x, "is_fully_addressable", True) for x in leaves):
+            if not all(x.sharding.is_fully_replicated for x in leaves):
+                return None      # parts live in other processes of a multi-host island
+            return jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0)), out)
         return jax.device_get(out)
 
     # -- transfers -------------------------------------------------------------------------------

@@ -29,7 +29,9 @@ Losing an island: when its actor dies (SIGKILL, node loss), its pending and
 later futures fail with :class:`IslandLost` naming it, dependants on other
 islands fail with that same exception, everything else continues and the
 controller stays usable. ``rt.replace_island(name)`` starts a fresh actor
-(an empty store: callers send it state again); ``rt.membership`` and the trace
+(an empty store: callers send it state again; with ``compile_cache_dir`` the
+islands share a persistent compilation cache, so it loads rather than
+recompiles); ``rt.membership``, ``rt.on_membership(fn)`` and the trace
 (``island_lost`` / ``island_joined`` events) record changes;
 ``split_survivors`` separates a step's results from lost islands' so a sync
 outer loop can average over survivors.
@@ -43,13 +45,21 @@ that cluster: ``ray start --head`` on one machine, ``ray start
 Pathways: ``pathwaysutils.initialize()``, then one island per TPU slice,
 :func:`islands_from_slices`; the local runtime drives them).
 
-Multi-host islands (design; what one machine allows is tested): an island
-spanning H hosts is H actors in a STRICT_SPREAD placement group; each calls
-``jax.distributed.initialize(coordinator, H, i)`` (``RayIsland.hosts``), so the
-island's Mesh spans all H processes' devices. The controller sends every call
-to all H actors (SPMD: same function, same arguments); exports gather with
-``process_allgather`` from actor 0. Not implemented beyond the actor's
-``distributed=`` hook: one actor per island today.
+Multi-host islands (design; one machine's share is tested): an island that
+spans H hosts is H actors, one per host (a STRICT_SPREAD placement group of H
+bundles). Each actor is started with ``IslandActor(..., distributed={
+"coordinator_address": <actor 0's ip:port>, "num_processes": H, "process_id":
+i})``: it calls ``jax.distributed.initialize`` (gloo collectives on CPU) and
+builds the island's Mesh over the global device list, so one jitted program
+sent to all H actors (SPMD: same function, same argument message, same keys)
+runs as one multi-host computation. tests/ray tests exactly that with two
+processes on one machine (a psum across both). What RayRuntime still has to
+do for H > 1 (not implemented: it drives one actor per island): fan every
+call / fetch / export out to the H actors and complete on all of them; take
+inline values from actor 0 (replicated outputs) and gather sharded ones with
+``multihost_utils.process_allgather`` (a collective: all H actors take part);
+import a payload on all H actors (each keeps its addressable shards); lose and
+replace the island as a whole (a survivor would hang in the next collective).
 """
 from __future__ import annotations
 
@@ -65,7 +75,8 @@ from pathways_lite.futures import MISSING, Future
 from pathways_lite.islands import GANG_AXIS
 
 __all__ = ["IslandLost", "IslandStartError", "RayIsland", "RayRuntime", "ray_islands", "make_runtime",
-           "islands_from_slices", "split_survivors", "BACKENDS", "RUNTIME_DEFAULTS", "GANG_AXIS"]
+           "make_runtime_from_config", "ray_like", "islands_from_slices", "split_survivors", "BACKENDS",
+           "RUNTIME_DEFAULTS", "GANG_AXIS"]
 
 BACKENDS = ("local", "ray", "pathways")
 # The `runtime` config section (the lead adds it to configs/base.py):

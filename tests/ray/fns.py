@@ -68,3 +68,12 @@ def slow_identity(tree, seconds=3.0):
     """``tree`` unchanged, after ``seconds`` on the island (to catch a computation in flight)."""
     s = jax.pure_callback(_sleep_host, jax.ShapeDtypeStruct((), jnp.float32), jnp.float32(seconds))
     return jax.tree_util.tree_map(lambda x: x + (0 * s).astype(x.dtype), tree)
+
+
+def cross_process_sum(x):
+    """psum over every device of the process group (all processes of a multi-host island)."""
+    from jax.sharding import Mesh, PartitionSpec as P
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    body = jax.shard_map(lambda b: jax.lax.psum(jnp.sum(b), "data"), mesh=mesh, in_specs=P("data"),
+                         out_specs=P())
+    return body(x)

@@ -206,3 +206,31 @@ def test_virtual_clock_schedule_equals_local(ray_cluster, devices):
     for g, w in zip(got[4], want[4]):
         np.testing.assert_array_equal(g, w)
     assert got[5] == want[5]
+
+
+def test_two_process_island_runs_one_spmd_program(ray_cluster):
+    """What one machine allows of a multi-host island: two actors of one island join through
+    jax.distributed; the island's mesh spans both processes' devices and one program (sent to
+    both, SPMD) reduces across them."""
+    import socket
+    from pathways_lite.ray_actor import IslandActor
+    from pathways_lite.ray_islands import _repo_pythonpath
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"env_vars": RayIsland("m", devices=2).actor_env(_repo_pythonpath())}
+    cls = ray_cluster.remote(IslandActor)
+    actors = [cls.options(num_cpus=0.5, runtime_env=env, max_restarts=0).remote(
+        "m", 4, ("data",), None, {"coordinator_address": f"127.0.0.1:{port}", "num_processes": 2,
+                                  "process_id": i}) for i in range(2)]
+    try:
+        infos = ray_cluster.get([a.info.remote() for a in actors], timeout=120)
+        assert [len(i["devices"]) for i in infos] == [4, 4] and infos[0]["pid"] != infos[1]["pid"]
+        fn_ref = [ray_cluster.put(fns.cross_process_sum)]
+        x = np.arange(8, dtype=np.float32)
+        metas = ray_cluster.get([a.call.remote((1, 1, fn_ref, (x,), False, 1 << 16)) for a in actors],
+                                timeout=120)
+        assert [float(m["value"]) for m in metas] == [28.0, 28.0]
+    finally:
+        for a in actors:
+            ray_cluster.kill(a)
