@@ -148,8 +148,8 @@ class IslandActor:
         return len(self.store)
 
     async def forget(self, fn_ids) -> None:
+        """Drop the jitted forms (and their executables); a call still on its way re-jits."""
         for f in fn_ids:
-            self.raw.pop(f, None)
             self.fns.pop((f, False), None)
             self.fns.pop((f, True), None)
 

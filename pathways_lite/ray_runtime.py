@@ -25,6 +25,7 @@ from pathways_lite.ray_islands import (IslandLost, IslandStartError, RayIsland, 
 
 log = logging.getLogger(__name__)
 _FREE_BATCH = 256
+_FN_CACHE_MAX = 4096
 
 
 def _akey(aval):
@@ -78,7 +79,7 @@ class RayRuntime:
         self._fn_ids, self._fn_refs, self._shapes = {}, {}, {}
         self._gang_fns, self._index_fns = {}, {}
         self._gang_seq = itertools.count()
-        self._frees: list = []
+        self._frees = collections.deque()   # (island, generation, key) of garbage-collected Futures
         self._link_seq: dict = {}
         self._closed = False
         self._owns_ray = False
@@ -416,6 +417,8 @@ class RayRuntime:
 
     def _fid(self, fn):
         with self._lock:
+            if len(self._fn_ids) >= _FN_CACHE_MAX:   # e.g. a new functools.partial every call
+                self._forget_functions()
             try:
                 fid = self._fn_ids.get(fn)
             except TypeError:   # unhashable callable: by identity
@@ -424,6 +427,17 @@ class RayRuntime:
             if fid is None:
                 fid = self._fn_ids[fn] = next(self._fids)
             return fid
+
+    def _forget_functions(self):
+        """Drop every shipped function (controller caches and the actors' jitted copies)."""
+        fids = list(self._fn_ids.values())
+        for st in self._st.values():
+            if st.alive:
+                st.actor.forget.remote(fids)
+            st.shipped = set()
+        self._fn_ids.clear()
+        self._fn_refs.clear()
+        self._shapes.clear()
 
     def _ship(self, fid, fn, st):
         """None if ``st``'s actor has the function, else a one-element list with its ObjectRef."""
@@ -532,12 +546,12 @@ class RayRuntime:
             raise self._lose(f.island, f._gen, _brief(e)) from None
 
     def _release(self, name, gen, key):
-        self._frees.append((name, gen, key))   # list.append is atomic; sent in batches
+        self._frees.append((name, gen, key))   # (from the garbage collector) sent in batches
 
     def _flush_frees(self):
-        items, self._frees = self._frees, []
         by = collections.defaultdict(list)
-        for name, gen, key in items:
+        while self._frees:
+            name, gen, key = self._frees.popleft()
             st = self._st[name]
             if st.gen == gen and st.alive:
                 by[name].append(key)

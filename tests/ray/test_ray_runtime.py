@@ -234,3 +234,17 @@ def test_two_process_island_runs_one_spmd_program(ray_cluster):
     finally:
         for a in actors:
             ray_cluster.kill(a)
+
+
+def test_values_are_freed_on_the_island_when_futures_are_dropped(rt, ray_cluster):
+    import gc
+    actor = rt._st["b"].actor
+    fs = [rt.call(fns.add1, np.float32(i), island="b") for i in range(300)]
+    wait(fs, timeout=120)
+    held = ray_cluster.get(actor.stats.remote())["values"]
+    assert held >= 300
+    del fs
+    gc.collect()
+    last = rt.call(fns.add1, np.float32(0), island="b")   # sends the frees (batched)
+    assert float(last.result(timeout=60)) == 1.0
+    assert ray_cluster.get(actor.stats.remote())["values"] <= held - 250
