@@ -109,6 +109,7 @@ class IslandActor:
         self.compute = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"{name}-compute")
         self.io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"{name}-io")
         self.link_free: dict[str, float] = {}
+        self.attachments = 0
 
     # -- introspection ---------------------------------------------------------------------------
     async def info(self) -> dict:
@@ -116,6 +117,16 @@ class IslandActor:
         return {"island": self.name, "pid": os.getpid(), "host": socket.gethostname(),
                 "platform": self.devices[0].platform, "devices": [str(d) for d in self.devices],
                 "jax": jax.__version__, "time": time.time()}
+
+    async def attach(self) -> dict:
+        """A controller takes this actor over: forget everything sent before, return ``info``."""
+        self.attachments += 1
+        if self.attachments > 1:
+            self.store.clear()
+            self.raw.clear()
+            self.fns.clear()
+            self.link_free.clear()
+        return {**(await self.info()), "attachments": self.attachments}
 
     async def ping(self) -> float:
         return time.time()

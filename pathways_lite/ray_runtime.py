@@ -26,6 +26,7 @@ from pathways_lite.ray_islands import (IslandLost, IslandStartError, RayIsland, 
 log = logging.getLogger(__name__)
 _FREE_BATCH = 256
 _FN_CACHE_MAX = 4096
+NAMESPACE = "pathways_lite"
 
 
 def _akey(aval):
@@ -45,9 +46,12 @@ class RayRuntime:
     def __init__(self, islands, *, clock="real", links: LinkModel | None = None, trace: bool = True,
                  address: str | None = None, start_timeout_s: float = 120.0, inline_bytes: int = 1 << 16,
                  runtime_env: dict | None = None, init_kwargs: dict | None = None,
-                 compile_cache_dir: str | None = None):
+                 compile_cache_dir: str | None = None, name: str | None = None):
         """``compile_cache_dir``: a JAX persistent compilation cache shared by the island actors
-        (a replacement island then loads its executables instead of compiling them)."""
+        (a replacement island then loads its executables instead of compiling them).
+        ``name``: the island actors become detached Ray actors ``<name>.<island>`` (namespace
+        "pathways_lite"); a controller started again with the same name after a crash attaches
+        to them (their state is reset: the run restores its checkpoint and sends it again)."""
         import ray
         clock_arg = clock
         specs = [RayIsland(i) if isinstance(i, str) else i for i in list(islands)]
@@ -84,6 +88,9 @@ class RayRuntime:
         self._closed = False
         self._owns_ray = False
         self._runtime_env = runtime_env
+        if name is not None and (not isinstance(name, str) or not name or "." in name):
+            raise ValueError(f"RayRuntime: name must be a non-empty string without '.', got {name!r}")
+        self._name = name
         self._cache_env = {} if not compile_cache_dir else {
             "JAX_COMPILATION_CACHE_DIR": str(compile_cache_dir),
             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
@@ -114,7 +121,9 @@ class RayRuntime:
         self._wall0 = time.time() - (0.0 if self.virtual else clock.now())
         for n, st in self._st.items():
             st.actor, st.info, st.alive = started[n][0], infos[n], True
-            self._record(n, "joined", 0, "start")
+            attached = infos[n]["attachments"] > 1
+            self._record(n, "joined", 0, f"attached to the running actor (pid {infos[n]['pid']})"
+                         if attached else "start")
 
     # -- public API ----------------------------------------------------------------------------
     def __enter__(self):
@@ -174,6 +183,8 @@ class RayRuntime:
             ray.kill(old, no_restart=True)
         except Exception:  # noqa: BLE001 - it is already gone
             pass
+        if self._name:
+            self._wait_name_free(name)
         started = {name: self._spawn(st.spec)}
         info = self._await_start(started, timeout_s)[name]
         with self._lock:
@@ -282,15 +293,17 @@ class RayRuntime:
                     self._engine.fail_now(f, exc)
         return futs
 
-    def shutdown(self, wait: bool = True, cancel_pending: bool = False) -> None:
-        """Finish (``wait``) in-flight work, stop the completion thread, kill the island actors."""
+    def shutdown(self, wait: bool = True, cancel_pending: bool = False, kill_islands: bool = True) -> None:
+        """Finish (``wait``) in-flight work, stop the completion thread, kill the island actors
+        (``kill_islands=False`` leaves a named runtime's actors for the next controller)."""
         if self._closed:
             return
         if wait:
             self._engine.drain()
         self._closed = True
         self._engine.stop()
-        self._kill_all()
+        if kill_islands:
+            self._kill_all()
         if self._owns_ray:
             import ray
             ray.shutdown()
@@ -577,9 +590,23 @@ class RayRuntime:
         opts = dict(num_cpus=spec.num_cpus, num_gpus=spec.num_gpus, max_restarts=0, runtime_env=env)
         if spec.resources:
             opts["resources"] = dict(spec.resources)
+        if self._name:   # detached and named: a restarted controller attaches to the same actor
+            opts.update(name=f"{self._name}.{spec.name}", namespace=NAMESPACE, lifetime="detached",
+                        get_if_exists=True)
         actor = _actor_class().options(**opts).remote(spec.name, spec.devices, tuple(spec.mesh_axes),
                                                       spec.mesh_shape)
-        return actor, actor.info.remote()
+        return actor, actor.attach.remote()
+
+    def _wait_name_free(self, island, timeout_s=15.0):
+        """After killing a named island actor: wait until Ray released its name."""
+        import ray
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            try:
+                ray.get_actor(f"{self._name}.{island}", namespace=NAMESPACE)
+            except ValueError:
+                return
+            time.sleep(0.1)
 
     def _await_start(self, started, timeout_s=None):
         import ray

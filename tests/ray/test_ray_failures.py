@@ -87,3 +87,46 @@ def test_more_islands_than_resources_fail_clearly_without_hanging(ray_cluster):
         RayRuntime([RayIsland("x", num_cpus=0.5, resources=(("no_such_accelerator", 1),))],
                    start_timeout_s=3)
     assert time.perf_counter() - t0 < 30
+
+
+CONTROLLER = '''
+import os, signal, sys
+import numpy as np, ray
+from pathways_lite.checkpoint import Checkpointer, SavePolicy
+from pathways_lite.ray_islands import RayIsland, RayRuntime
+from tests.ray import fns
+ray.init(address=sys.argv[1])
+rt = RayRuntime([RayIsland("c0", num_cpus=0.5)], name="crashy")
+ck = Checkpointer(sys.argv[2], SavePolicy(every_steps=1, async_save=False))
+x = rt.transfer(np.zeros(4, np.float32), island="c0")
+for step in range(1, 100):
+    x = rt.call(fns.add1, x, island="c0")
+    ck.save(step, {"x": x.result()}, {"pid": rt.island_info("c0")["pid"]})
+    if step == 3:
+        os.kill(os.getpid(), signal.SIGKILL)      # the controller crashes; its islands live on
+'''
+
+
+def test_controller_crash_resumes_from_its_checkpoint_with_the_same_islands(ray_cluster, tmp_path):
+    import subprocess
+    import sys
+    from pathways_lite.checkpoint import Checkpointer
+    from pathways_lite.ray_islands import _repo_pythonpath
+    script = tmp_path / "controller.py"
+    script.write_text(CONTROLLER)
+    env = {**os.environ, "PYTHONPATH": _repo_pythonpath(), "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, str(script), ray_cluster.get_runtime_context().gcs_address,
+                           str(tmp_path / "ckpt")], env=env, timeout=240, capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    ck = Checkpointer(tmp_path / "ckpt")
+    step, arrays, meta = ck.restore({"x": np.zeros(4, np.float32)})
+    ck.close()
+    assert step == 3 and meta["pid"] > 0
+    pid = meta["pid"]
+    with RayRuntime([RayIsland("c0", num_cpus=0.5)], name="crashy") as rt:   # the new controller
+        assert rt.island_info("c0")["pid"] == pid                          # the same island
+        assert "attached" in rt.membership[0].reason
+        x = rt.transfer(np.asarray(arrays["x"]), island="c0")
+        for _ in range(step, 6):
+            x = rt.call(fns.add1, x, island="c0")
+        np.testing.assert_array_equal(x.result(timeout=60), np.full(4, 6.0, np.float32))
