@@ -12,6 +12,11 @@ Measured in one run (medians; times in microseconds or seconds as named):
   transfer[]                       island -> island through the object store for --sizes_mib:
                                    RayRuntime.transfer (device->host->store->host->device) and a
                                    raw actor-to-actor ObjectRef hand-off; MB/s = MiB*1.048576/s
+  diloco_step                      one synchronous outer step of 2 workers + a server on Ray
+                                   islands: params (--diloco_mib MiB f32) server -> workers, an
+                                   inner phase of --inner_s seconds, deltas workers -> server,
+                                   the averaged update; transfer_share = the step's time not spent
+                                   in the inner phase or the update, over the step time
   failure                          detect_s: SIGKILL of an island running a call -> its Future fails
                                    with IslandLost; replace_s: replace_island until the actor answers;
                                    first_call_{cold,replacement}_s: first call of a small train step
@@ -44,6 +49,8 @@ flags.DEFINE_integer("repeats", 3, "repeats per transfer size (median)")
 flags.DEFINE_string("address", "", "Ray cluster address ('' starts a local one)")
 flags.DEFINE_float("island_cpus", 1.0, "Ray CPUs per island actor")
 flags.DEFINE_float("island_gpus", 0.0, "GPUs per island actor")
+flags.DEFINE_float("diloco_mib", 64, "DiLoCo step: size of the params (MiB, f32); 0 skips it")
+flags.DEFINE_float("inner_s", 1.0, "DiLoCo step: seconds of the inner phase")
 flags.DEFINE_string("out", "", "also write the JSON here")
 FLAGS = flags.FLAGS
 
@@ -147,6 +154,43 @@ def transfers(rt, raws, sizes, repeats):
   return out
 
 
+def inner_phase(p, seconds):
+  return sleep_then(p * 0.999, seconds)
+
+
+def delta(start, local):
+  return start - local
+
+
+def average_update(p, d0, d1):
+  return p - 0.7 * 0.5 * (d0 + d1)
+
+
+def diloco_step(spec, mib, inner_s, cache):
+  n = int(mib * 2**20 // 4)
+  names = ["w0", "w1", "server"]
+  rt = RayRuntime([RayIsland(k, **spec) for k in names], compile_cache_dir=cache)
+  phase = functools.partial(inner_phase, seconds=inner_s)
+  gp = rt.call(functools.partial(filled, n), np.float32(1), island="server")
+  times = []
+  for t in range(3):                       # the first one compiles
+    gp.result()
+    t0 = time.perf_counter()
+    ds = []
+    for w in ("w0", "w1"):
+      start = rt.transfer(gp, island=w)
+      local = rt.call(phase, start, island=w)
+      ds.append(rt.transfer(rt.call(delta, start, local, island=w), island="server"))
+    gp = rt.call(average_update, gp, *ds, island="server")
+    gp.exception()
+    upd = gp.times[2] - gp.times[1]
+    times.append((time.perf_counter() - t0, upd))
+  rt.shutdown()
+  step, upd = statistics.median(s for s, _ in times[1:]), statistics.median(u for _, u in times[1:])
+  return {"mib": mib, "inner_s": inner_s, "step_s": step, "update_s": upd,
+          "transfer_share": max(0.0, step - inner_s - upd) / step}
+
+
 def failure(rt):
   w = [np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)] * 2
   x = np.ones((32, 64), np.float32)
@@ -202,6 +246,11 @@ def main(argv):
     log("transfers done")
     res["failure"] = failure(rt)
     rt.shutdown()
+    for a in raws:
+      ray.kill(a)
+    if FLAGS.diloco_mib > 0:
+      res["diloco_step"] = diloco_step(spec, FLAGS.diloco_mib, FLAGS.inner_s, cache)
+      log(f"diloco step {res['diloco_step']}")
   ray.shutdown()
   res["load_avg_1m_at_end"] = os.getloadavg()[0]
   res["wall_s"] = time.time() - t_start

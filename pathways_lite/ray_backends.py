@@ -18,7 +18,10 @@ runtime.start_timeout_s    islands not started by then raise IslandStartError (e
 =========================  ====================================================================
 
 ``make_runtime_from_config(config.runtime, names, clock=..., links=...)`` is
-what a launcher calls; the outer loops keep calling ``rt.call`` etc. unchanged.
+what a launcher calls; a loop that already builds a local Runtime (the outer
+loops' ``common.make_runtime``) wraps it: ``from_local(config.runtime, rt)``
+returns it unchanged for "local" and Ray islands with the same names, clock
+and links for "ray". The loops keep calling ``rt.call`` etc. unchanged.
 """
 from __future__ import annotations
 
@@ -139,3 +142,30 @@ def ray_like(runtime, *, num_cpus: float = 1.0, num_gpus: float = 0.0, **ray_kwa
                        mesh_axes=tuple(i.mesh.axis_names), mesh_shape=tuple(i.mesh.devices.shape))
              for i in runtime.islands]
     return RayRuntime(specs, clock=clock, links=links, trace=runtime.trace is not None, **ray_kwargs)
+
+
+def from_local(runtime_cfg, local, **ray_kwargs):
+    """The runtime a run uses, given its ``runtime`` config section and the local Runtime it built:
+    ``local`` itself for backend "local", ``ray_like(local)`` (same island names, clock, links)
+    for "ray", one island per TPU slice for "pathways". One line in a loop's runtime factory:
+    ``return from_local(config.runtime, Runtime(islands, clock=..., links=...))``."""
+    d = dict(runtime_cfg.to_dict() if hasattr(runtime_cfg, "to_dict") else runtime_cfg)
+    unknown = sorted(set(d) - set(RUNTIME_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown config field(s) {['runtime.' + k for k in unknown]}; allowed: "
+                         f"{['runtime.' + k for k in RUNTIME_DEFAULTS]}")
+    d = {**RUNTIME_DEFAULTS, **d}
+    _choice("runtime.backend", d["backend"], BACKENDS)
+    if d["backend"] == "local":
+        return local
+    clock = local.clock if local.clock.kind == "virtual" else "real"
+    if d["backend"] == "pathways":
+        local.shutdown()
+        return make_runtime("pathways", clock=clock, links=local.links, trace=local.trace is not None)
+    if d["island_devices"] != 1:
+        raise ValueError("config field 'runtime.island_devices' is taken from the local islands' "
+                         f"device counts when converting a local runtime; leave it 1, got {d['island_devices']!r}")
+    rt = ray_like(local, num_cpus=d["island_num_cpus"], num_gpus=d["island_num_gpus"],
+                  address=d["ray_address"] or None, start_timeout_s=d["start_timeout_s"], **ray_kwargs)
+    local.shutdown()
+    return rt

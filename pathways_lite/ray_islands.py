@@ -75,7 +75,7 @@ from pathways_lite.futures import MISSING, Future
 from pathways_lite.islands import GANG_AXIS
 
 __all__ = ["IslandLost", "IslandStartError", "RayIsland", "RayRuntime", "ray_islands", "make_runtime",
-           "make_runtime_from_config", "ray_like", "islands_from_slices", "split_survivors", "BACKENDS",
+           "make_runtime_from_config", "ray_like", "from_local", "islands_from_slices", "split_survivors", "BACKENDS",
            "RUNTIME_DEFAULTS", "GANG_AXIS"]
 
 BACKENDS = ("local", "ray", "pathways")
@@ -252,7 +252,7 @@ def __getattr__(name):   # the controller and the factory live in their own file
         from pathways_lite.ray_runtime import RayRuntime
         return RayRuntime
     if name in ("make_runtime", "make_runtime_from_config", "islands_from_slices", "initialize_pathways",
-                "ray_like"):
+                "ray_like", "from_local"):
         from pathways_lite import ray_backends
         return getattr(ray_backends, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

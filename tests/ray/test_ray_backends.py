@@ -6,8 +6,9 @@ import types
 import numpy as np
 import pytest
 
-from pathways_lite.ray_islands import (BACKENDS, RUNTIME_DEFAULTS, RayIsland, islands_from_slices,
-                                       make_runtime, make_runtime_from_config)
+from pathways_lite.islands import make_islands
+from pathways_lite.ray_islands import (BACKENDS, RUNTIME_DEFAULTS, RayIsland, from_local,
+                                       islands_from_slices, make_runtime, make_runtime_from_config)
 from pathways_lite.runtime import Runtime
 from tests.ray import fns
 
@@ -51,6 +52,13 @@ def test_backend_by_name_and_bad_values(devices):
         assert float(rt.call(fns.add1, np.float32(1), island="island1").result()) == 2.0
     with pytest.raises(ValueError, match=r"unknown config field\(s\) \['runtime.bogus'\]"):
         make_runtime_from_config({"backend": "local", "bogus": 1}, None)
+    local = Runtime(make_islands(2, devices=devices))
+    assert from_local({"backend": "local"}, local) is local
+    with pytest.raises(ValueError, match="'runtime.backend'='gpu'"):
+        from_local({"backend": "gpu"}, local)
+    with pytest.raises(ValueError, match="runtime.island_devices"):
+        from_local({"backend": "ray", "island_devices": 2}, local)
+    local.shutdown()
     assert set(RUNTIME_DEFAULTS) >= {"backend", "ray_address"} and BACKENDS == ("local", "ray", "pathways")
 
 

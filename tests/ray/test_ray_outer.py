@@ -13,16 +13,15 @@ import pytest
 from pathways_lite.outer import diloco, rules
 from pathways_lite.outer.common import SERVER, Run, memo, resolve, zeros_f32
 from pathways_lite.outer.inner import pick0, pick1, pick2, pick_delta, pick_state
-from pathways_lite.ray_islands import IslandLost, ray_like, split_survivors
+from pathways_lite.ray_islands import IslandLost, from_local, split_survivors
 from tests.outer.conftest import tiny_config
 from tests.ray import fns
 
 
 def on_ray(r, cache=None):
-    """Swap a Run's local runtime for Ray islands with the same names, clock and links."""
-    local = r.rt
-    r.rt = ray_like(local, num_cpus=0.5, compile_cache_dir=cache)
-    local.shutdown()
+    """Swap a Run's local runtime for Ray islands with the same names, clock and links (what a
+    `runtime.backend="ray"` config does through from_local)."""
+    r.rt = from_local({"backend": "ray", "island_num_cpus": 0.5}, r.rt, compile_cache_dir=cache)
     return r
 
 
