@@ -70,6 +70,7 @@ import socket
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pathways_lite.futures import MISSING, Future
 from pathways_lite.islands import GANG_AXIS
@@ -245,6 +246,49 @@ def check_address(address: str, timeout_s: float = 5.0) -> None:
     except OSError as e:
         raise ConnectionError(f"runtime.ray_address={address!r}: no Ray cluster reachable there within "
                               f"{timeout_s} s ({e}); start one with `ray start --head` or fix the address") from None
+
+
+class _ById:
+    __slots__ = ("fn",)
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __hash__(self):
+        return id(self.fn)
+
+    def __eq__(self, other):
+        return isinstance(other, _ById) and other.fn is self.fn
+
+
+_SCALARS = (bool, int, float, complex, np.generic)
+
+
+def _host_leaf(x, island):
+    """(value to send, shape-cache key) for a non-Future argument leaf."""
+    if isinstance(x, np.ndarray):
+        return x, ("h", x.shape, x.dtype)
+    if isinstance(x, jax.Array):
+        x = np.asarray(x)
+        return x, ("h", x.shape, x.dtype)
+    if isinstance(x, _SCALARS):
+        return x, ("s", type(x))
+    if isinstance(x, (str, bytes)) or x is None or callable(x):
+        raise TypeError(f"argument leaf {x!r} of type {type(x).__name__} cannot be placed on island "
+                        f"{island!r}; pass arrays, numbers or Futures (bind static values with "
+                        "functools.partial)")
+    x = np.asarray(x)
+    return x, ("h", x.shape, x.dtype)
+
+
+def _host_tree(value, island):
+    leaves, tdef = jax.tree_util.tree_flatten(value)
+    out = []
+    for x in leaves:
+        if isinstance(x, Future):
+            raise TypeError(f"transfer to {island!r}: pass a Future itself, not a pytree holding Futures")
+        out.append(_host_leaf(x, island)[0])
+    return jax.tree_util.tree_unflatten(tdef, out)
 
 
 def __getattr__(name):   # the controller and the factory live in their own files (size)
