@@ -4,7 +4,7 @@ Scales:
   cpu: a 123K-parameter decoder (d_model 64, 2 layers, 4 heads, 64 tokens x 8
        rows per batch) on the stdlib corpus, 600 inner steps per worker, 4 workers
        as virtual islands of one device; one DiLoCo run takes ~20 s on 2 CPU cores.
-  gpu: a 3.4M-parameter decoder (d_model 256, 4 layers, 256 tokens x 32 rows),
+  gpu: a 3.3M-parameter decoder (d_model 256, 4 layers, 256 tokens x 32 rows),
        2000 inner steps per worker, workers spread over the GPUs
        (outer.islands="devices": 4 workers on 2 GPUs = 2 islands per GPU).
 Both use the virtual clock (1 simulated second per inner step unless a suite

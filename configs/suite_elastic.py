@@ -6,9 +6,11 @@ ramp down 8,6,4,2; constant 5,5,5,5. New workers start from the global params.
 
 Command:
   python launch/reproduce.py --suite=elastic --workdir=runs/suite_elastic [--scale=gpu]
-Expected time: CPU (2 shared cores) 3-6 min for the 3 runs.
+Expected time: CPU (2 shared cores) 3-6 min for the 3 runs (156 s measured at load 5-6).
 Expected ordering (paper): all three end close to each other (what matters is
 the total compute); ramping up is slightly better than ramping down.
+Observed on CPU (final val loss, 1.54M tokens each): ramp up 1.956 < ramp down 2.042
+< constant 2.063.
 """
 import importlib.util
 import os

@@ -8,8 +8,11 @@ local_sgd) and Adam (lr 1e-2, eps 1e-8; our choice at this scale).
 
 Command:
   python launch/reproduce.py --suite=outer_opt --workdir=runs/suite_outer_opt [--scale=gpu]
-Expected time: CPU (2 shared cores) 3-6 min for the 6 runs; GPU: see the README.
+Expected time: CPU (2 shared cores) 3-6 min for the 6 runs (253 s measured at load 5-6).
 Expected ordering (paper): DDP 4x batch <= Nesterov < SGDM, FedAvg < Adam < 1 worker.
+Observed on CPU (final val loss): DDP 4x batch 1.884 < Nesterov 2.032 < 1 worker 2.105
+< FedAvg 2.113 < SGDM 2.245 < Adam 2.476: Nesterov is the best outer optimizer and
+the only one beating the single worker at this scale (600 steps, 123K params).
 """
 import importlib.util
 import os

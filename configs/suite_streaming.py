@@ -8,10 +8,14 @@ bf16, fp8 and 4-bit (int4 with per-block scales), summed in f32.
 
 Command:
   python launch/reproduce.py --suite=streaming --workdir=runs/suite_streaming [--scale=gpu]
-Expected time: CPU (2 shared cores) 6-12 min for the 8 runs.
+Expected time: CPU (2 shared cores) 6-12 min for the 8 runs (597 s measured at load 9-13).
 Expected ordering (paper): streaming ~ DiLoCo in loss with a peak bandwidth per
 sync of about 1/(fragments) of DiLoCo's; overlap with alpha=0.5 costs little;
 bf16/fp8/4-bit outer gradients cost almost nothing in loss while cutting bytes 2x/4x/~7x.
+Observed on CPU (final val loss, peak bytes per sync): DiLoCo 1.957, 3.68 MB;
+2 strided groups 1.984, 1.71 MB; sequential 1.982; 4 groups 1.987, 0.85 MB;
+tau=5 alpha=0.5: fp32 1.917, bf16 1.917 (0.85 MB), fp8 1.917 (0.43 MB), int4 1.915
+(0.23 MB). All within 0.07; 4-bit costs nothing; peak bytes fall as expected.
 """
 import importlib.util
 import os

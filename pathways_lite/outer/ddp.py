@@ -64,7 +64,7 @@ def train(run: Run) -> dict:
       run.evaluate(step, params)
   if pending is not None:
     _consume(run, *pending)
-  return run.summary(params)
+  return run.summary(params, inner_steps=1)
 
 
 def _consume(run: Run, step: int, metrics: dict, info) -> None:

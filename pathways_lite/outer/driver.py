@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 # algorithm -> module with train(run) -> summary
 MODULES = {"ddp": "ddp", "local_sgd": "diloco", "diloco": "diloco", "streaming": "streaming",
            "eager": "eager", "async_local_sgd": "async_local_sgd"}
-MAX_TRACE_SPANS = 20000  # the PNG of a longer trace is unreadable (and slow): JSON only
+MAX_TRACE_SPANS = 4000  # the PNG of a longer trace is unreadable (and slow): JSON only
 
 
 def check(config) -> OuterConfig:

@@ -90,7 +90,7 @@ def _fmt(v) -> str:
   if isinstance(v, float):
     if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3):
       return f"{v:.3g}"
-    return f"{v:.4f}" if abs(v) < 100 else f"{v:.1f}"
+    return f"{v:.4f}" if abs(v) < 10 else f"{v:.1f}"
   if isinstance(v, int) and abs(v) >= 100000:
     return f"{v:.3g}"
   return str(v)
