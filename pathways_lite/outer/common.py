@@ -37,6 +37,7 @@ from pathways_lite.network import Link, LinkModel
 from pathways_lite.outer import rules
 from pathways_lite.outer.config import OuterConfig
 from pathways_lite.outer.inner import make_inner
+from pathways_lite.ray_backends import from_local
 from pathways_lite.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -122,7 +123,9 @@ class Run:
     self.val_batches = self.data.validation_batches(config.train.eval_batches)
     self.inner = make_inner(config, self.model_cfg, ocfg)
     self.outer_opt = outer_optimizer(ocfg.optimizer, ocfg.lr, ocfg)
-    self.rt = make_runtime(ocfg, devices)
+    # config.runtime.backend: "local" keeps this runtime; "ray" swaps in Ray islands (same names,
+    # clock, links); see pathways_lite/ray_backends.py.
+    self.rt = from_local(config.runtime, make_runtime(ocfg, devices))
     self.workers = [worker_name(w) for w in range(M)]
     self.rng = np.random.default_rng([config.seed, 0x0CE])
     self.writer = MetricsWriter(workdir) if workdir else None
