@@ -90,9 +90,19 @@ def train(run: Run) -> dict:
     inflight[up] = (w, h, rt.call(pick2, out, island=isl, cost=0, name="summary"), book["version"])
     order[up] = len(order)
 
-  run.evaluate(0, init.params)
-  for w in range(M):
-    launch(w)
+  resumed = run.resume({"global": {"params": gp, "opt_state": ostate}, "workers": ws})
+  if resumed is None:
+    run.evaluate(0, init.params)
+    for w in range(M):
+      launch(w)
+  else:                   # the checkpoint's in-flight phases arrive when they would have
+    arrays, meta = resumed
+    gp, ostate, ws = arrays["global"]["params"], arrays["global"]["opt_state"], arrays["workers"]
+    book.update({k: meta[k] for k in book})
+    for up, s, (w, h, v) in zip(arrays["in_flight"], arrays["in_flight_summaries"],
+                                meta["in_flight"]):
+      inflight[up] = (w, h, s, v)
+      order[up] = len(order)
   while inflight:
     done, _ = wait(list(inflight), return_when=FIRST_COMPLETED)
     group = sorted(done, key=lambda f: (f.times[2], order[f]))
@@ -130,7 +140,9 @@ def train(run: Run) -> dict:
     for w in restart:
       launch(w)
     run.commit(book["applied"] // M, {"global": {"params": gp, "opt_state": ostate}, "workers": ws,
-                                      "in_flight": [f for f in inflight]},
-               **book, in_flight_workers=[v[0] for v in inflight.values()])
+                                      "in_flight": [f for f in inflight],
+                                      "in_flight_summaries": [v[2] for v in inflight.values()]},
+               **book, in_flight_workers=[v[0] for v in inflight.values()],
+               in_flight=[[v[0], v[1], v[3]] for v in inflight.values()])
   run.evaluate(book["applied"] // M, gp)
   return run.summary(gp, arrivals=book["arrivals"], steps_per_phase=steps_w)

@@ -17,6 +17,7 @@ rejected pseudo-gradients, bookkeeping).
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -30,7 +31,7 @@ from models import utils as model_utils
 from pathways_lite import configuration
 from pathways_lite import data as data_lib
 from pathways_lite.clock import VirtualClock
-from pathways_lite.futures import Future
+from pathways_lite.futures import FINISHED, MISSING, Future
 from pathways_lite.islands import Island, make_islands
 from pathways_lite.metrics import MetricsWriter
 from pathways_lite.network import Link, LinkModel
@@ -106,8 +107,11 @@ def wire(ocfg: OuterConfig):
 class Run:
   """The context one outer-loop run needs: config, data, compiled pieces, runtime, writer."""
 
-  def __init__(self, config, workdir: str | None, devices=None):
+  def __init__(self, config, workdir: str | None, devices=None, checkpointer=None):
     self.config = config
+    self.ckpt = checkpointer       # pathways_lite.checkpoint.Checkpointer or None (driver's)
+    self.records = 0               # metrics records written (a checkpoint keeps this many)
+    self._prev_step = None         # the step of the previous commit (save policy)
     self.workdir = workdir
     self.ocfg = ocfg = OuterConfig.from_config(config.outer)
     self.model_cfg = configuration.model_config(config)
@@ -128,7 +132,8 @@ class Run:
     self.rt = from_local(config.runtime, make_runtime(ocfg, devices))
     self.workers = [worker_name(w) for w in range(M)]
     self.rng = np.random.default_rng([config.seed, 0x0CE])
-    self.writer = MetricsWriter(workdir) if workdir else None
+    resuming = checkpointer is not None and checkpointer.latest_step() is not None
+    self.writer = MetricsWriter(workdir, append=resuming) if workdir else None
     self.tokens_per_step = config.data.batch_size * config.data.seq_len
     self.tokens = 0
     self.rejected: list[dict] = []
@@ -151,6 +156,7 @@ class Run:
   def write(self, step: int, values: dict, worker: int | None = None) -> None:
     if self.writer is not None:
       self.writer.write(step, values, worker=worker)
+      self.records += 1
 
   def log_phase(self, step: int, worker: int, summary) -> None:
     """A worker's phase metrics (host values), read one outer step after dispatch."""
@@ -200,7 +206,9 @@ class Run:
     m = {"algorithm": self.ocfg.algorithm, "num_workers": self.M,
          "data": [it.get_state() for it in self.iters], "shard_progress": list(self.shard_progress),
          "tokens": self.tokens, "rejected": list(self.rejected), "dropped": self.dropped,
-         "runtime": {"clock": self.rt.clock.state_dict(), "links": self.rt.links.state_dict()}}
+         "runtime": {"clock": self.rt.clock.state_dict(), "links": self.rt.links.state_dict()},
+         "rng": self.rng.bit_generator.state, "next_eval": self.next_eval, "evals": self.evals,
+         "last_train": {str(k): v for k, v in self.last_train.items()}, "records": self.records}
     m.update(extra)
     return m
 
@@ -212,6 +220,75 @@ class Run:
     (`state_dict()` waits for the values)."""
     arrays = jax.tree.map(lambda x: x, arrays, is_leaf=lambda x: isinstance(x, Future))  # own lists
     self.state = {"arrays": arrays, "meta": self.meta(step=int(step), **meta)}
+    if self.ckpt is None:
+      return
+    preempted = self.ckpt.preempted
+    if self.save_due(step) and self.ckpt.last_saved_step != int(step):
+      self.save()
+    self._prev_step = int(step)
+    if preempted:
+      raise Preempted(int(step))
+
+  def save_due(self, step: int) -> bool:
+    """Whether commit(step) will save: loops flush metrics they hold back before committing.
+
+    Besides the policy's own test, a step that jumps over a multiple of
+    checkpoint.every_steps (async loops advance by several steps) saves too."""
+    if self.ckpt is None:
+      return False
+    step, every, prev = int(step), self.ckpt.policy.every_steps, self._prev_step
+    crossed = bool(every) and prev is not None and step // every > prev // every
+    return self.ckpt.preempted or self.ckpt.should_save(step) or (
+        crossed and step != self.ckpt.last_saved_step)
+
+  def save(self) -> None:
+    """Checkpoints the last commit (ckpt_state: values without waiting under the virtual clock)."""
+    arrays, meta = ckpt_state(self.rt, self.state)
+    if self.writer is not None:
+      self.writer.flush()
+    meta["config"] = json.loads(configuration.to_json(self.config))
+    self.ckpt.save(meta["step"], arrays, meta)
+
+  def resume(self, like: dict):
+    """(arrays, meta) of the workdir's latest checkpoint, or None for a fresh run.
+
+    Called by a loop right after it built its initial state; `like` holds that
+    state (keys of the committed arrays; Futures or arrays) so restored arrays
+    land on the same islands and shardings. Restores the runtime's clock and
+    link counters, the data iterators, RNG, evaluation schedule and metrics
+    (records written after the checkpoint are dropped), and gives every
+    Future of the committed state back as a Future with its original times;
+    the ones still in flight at the save are queued again on the virtual clock
+    in their original order, so the resumed run's events are the same.
+    """
+    if self.ckpt is None or self.ckpt.latest_step() is None:
+      return None
+    from pathways_lite import checkpoint
+    res = checkpoint.resume(self.ckpt, json.loads(configuration.to_json(self.config)), None,
+                            allow_config_change=self.config.checkpoint.allow_config_change)
+    _, arrays, meta = res
+    self.rt._engine.drain()                  # the loop's init work: nothing may be in flight
+    self.rt.clock.load_state_dict(meta["runtime"]["clock"])
+    self.rt.links.load_state_dict(meta["runtime"]["links"])
+    for it, st in zip(self.iters, meta["data"]):
+      it.set_state(st)
+    self.shard_progress = list(meta["shard_progress"])
+    self.tokens = meta["tokens"]
+    self.rejected = list(meta["rejected"])
+    self.dropped = meta["dropped"]
+    self.rng.bit_generator.state = meta["rng"]
+    self.next_eval = meta["next_eval"]
+    self.evals = list(meta["evals"])
+    self.last_train = {int(k): v for k, v in meta["last_train"].items()}
+    self.records = meta["records"]
+    if self.writer is not None:
+      self.writer.close()
+      truncate_records(self.workdir, self.records)
+      self.writer = MetricsWriter(self.workdir, append=True)
+    arrays = _place(self.rt, arrays, like, meta.get("futures", {}))
+    self.state = {"arrays": arrays, "meta": meta}
+    self._prev_step = int(meta["step"])
+    return arrays, meta
 
   def state_dict(self) -> dict:
     """{"arrays": pytree of arrays, "meta": JSON dict} of the last commit (host wait)."""
@@ -241,6 +318,140 @@ class Run:
     self.rt.shutdown()
     if self.writer is not None:
       self.writer.close()
+
+
+class Preempted(Exception):
+  """Raised by Run.commit after the preemption save (SIGTERM/SIGINT); the driver stops."""
+
+  def __init__(self, step: int):
+    super().__init__(f"preempted at step {step}")
+    self.step = step
+
+
+def truncate_records(workdir: str, n: int) -> None:
+  """Keeps the first n records of workdir's metrics.jsonl (those a checkpoint had written)."""
+  from pathways_lite.metrics import METRICS_FILE
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return
+  with open(path) as fh:
+    lines = [ln if ln.endswith("\n") else ln + "\n" for ln in fh][:n]
+  tmp = path + ".tmp"
+  with open(tmp, "w") as fh:
+    fh.writelines(lines)
+  os.replace(tmp, path)
+
+
+def _is_future(x) -> bool:
+  return isinstance(x, Future)
+
+
+def ckpt_state(rt, state: dict) -> tuple[dict, dict]:
+  """(arrays, meta) to save from a commit, without changing the run's schedule.
+
+  Under the virtual clock every Future already holds its value (dispatch is
+  eager; only its delivery waits for simulated time), so the values are taken
+  without waiting (waiting would deliver events early and change what a later
+  `wait` returns). Each Future is recorded in meta["futures"] by its tree path
+  with its island, times and queue position, to be recreated on resume.
+  The real clock waits for the values.
+  """
+  meta = json.loads(json.dumps(state["meta"]))
+  leaves, tdef = jax.tree_util.tree_flatten_with_path(state["arrays"], is_leaf=_is_future)
+  seq = {}
+  if rt.virtual:
+    seq = {id(f): s for _, s, f in rt.clock.pending()}
+  futures, values = {}, []
+  for path, x in leaves:
+    if isinstance(x, Future):
+      if rt.virtual and x._exc is None and x._get_value() is not MISSING:
+        v = x._get_value()
+      else:
+        v = x.result()
+      futures[_norm(path)] = {
+          "island": x.island, "name": x.name, "times": list(x.times),
+          "pending": x._state < FINISHED, "seq": seq.get(id(x), -1)}
+      x = v
+    values.append(x)
+  if rt.virtual:  # clock and links as they are now (the commit's may predate dispatches)
+    meta["runtime"] = {"clock": rt.clock.state_dict(), "links": rt.links.state_dict()}
+  meta["futures"] = futures
+  return jax.tree_util.tree_unflatten(tdef, values), meta
+
+
+def _norm(path) -> str:
+  """A tree path as "a/b/0" (dict keys, attribute names and list indices alike)."""
+  parts = []
+  for k in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+    else:
+      parts.append(str(k))
+  return "/".join(parts)
+
+
+def _place(rt, arrays, like, futures: dict):
+  """Restored arrays -> onto like's structure and shardings (or their island's); Futures recreated."""
+  import jax.numpy as jnp
+  from pathways_lite import network
+
+  like_by_path = {}
+  if like is not None:
+    for path, x in jax.tree_util.tree_flatten_with_path(like, is_leaf=_is_future)[0]:
+      like_by_path[_norm(path)] = x
+  made = []
+
+  def put(value, target, island):
+    if isinstance(target, Future):
+      target = target.result()
+    if target is not None:   # the fresh state's structure (dataclasses, tuples) and shardings
+      got = {_norm(p): v for p, v in jax.tree_util.tree_flatten_with_path(value)[0]}
+      tl, tdef = jax.tree_util.tree_flatten_with_path(target)
+      out = []
+      for p, t in tl:
+        v = got.pop(_norm(p))
+        if isinstance(t, jax.Array):
+          v = jax.device_put(jnp.asarray(v, dtype=t.dtype), t.sharding)
+        out.append(v)
+      if got:
+        raise ValueError(f"checkpoint leaves {sorted(got)[:5]} are not in the run's state")
+      return jax.tree_util.tree_unflatten(tdef, out)
+    if island is None:
+      return value
+    return jax.tree.map(lambda v: jax.device_put(v, network.target_sharding(v, rt.island(island))),
+                        value)
+
+  def walk(x, path):
+    key = "/".join(path)
+    if key in futures:
+      info = futures[key]
+      v = put(x, like_by_path.get(key), info["island"])
+      f = Future(rt, info["island"], info["name"])
+      f._value = v
+      f._parents = ()
+      f._t_enq, f._t_start, f._t_end = info["times"]
+      made.append((0 if not info["pending"] else 1, info["seq"], len(made), f))
+      return f
+    if key in like_by_path:
+      return put(x, like_by_path[key], None)
+    if isinstance(x, dict):
+      if x and all(str(k).isdigit() for k in x):   # a list saved by Orbax as {"0": ...}
+        x = [x[k] for k in sorted(x, key=int)]
+      else:
+        return {k: walk(v, path + (str(k),)) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+      return type(x)(walk(v, path + (str(i),)) for i, v in enumerate(x))
+    return x
+
+  out = walk(arrays, ())
+  for _, _, _, f in sorted(made, key=lambda e: e[:3]):
+    if rt.virtual:   # delivered in their original order (finished ones first, at once)
+      rt.clock.push(f._t_end, f)
+    else:
+      rt._engine.finish(f, None)
+  return out
 
 
 def resolve(tree):

@@ -77,10 +77,16 @@ def train(run: Run) -> dict:
   zeros = rt.call(zeros_f32, gp, island=SERVER, cost=0, name="zeros")
   weights = np.asarray(run.weights, np.float32)
   num_outer = math.ceil(run.total_steps / H)
-  run.evaluate(0, init.params)
   pending = None
-  step = 0
-  for t in range(num_outer):
+  step = t0 = 0
+  resumed = run.resume({"global": {"params": gp, "opt_state": ostate}, "workers": ws})
+  if resumed is None:
+    run.evaluate(0, init.params)
+  else:                                   # continue after the checkpoint's outer step
+    arrays, meta = resumed
+    gp, ostate, ws = arrays["global"]["params"], arrays["global"]["opt_state"], arrays["workers"]
+    step, t0 = meta["step"], meta["outer_step"]
+  for t in range(t0, num_outer):
     h = min(H, run.total_steps - t * H)
     active = active_workers(run, t, num_outer)
     keep = np.array([w in active for w in range(M)])
@@ -104,15 +110,16 @@ def train(run: Run) -> dict:
     ostate = rt.call(pick1, upd, island=SERVER, cost=0, name="outer state")
     info = rt.call(pick2, upd, island=SERVER, cost=0, name="info")
     step += h
-    run.commit(step, {"global": {"params": gp, "opt_state": ostate}, "workers": ws},
-               outer_step=t + 1)
     if pending is not None:                 # step t-1's metrics, after step t is enqueued
       _consume(run, *pending)
     pending = (step, summaries, info, keep)
-    if run.eval_due(step):
+    if run.eval_due(step) or run.save_due(step):   # records up to `step` precede its checkpoint
       _consume(run, *pending)
       pending = None
-      run.evaluate(step, gp)
+      if run.eval_due(step):
+        run.evaluate(step, gp)
+    run.commit(step, {"global": {"params": gp, "opt_state": ostate}, "workers": ws},
+               outer_step=t + 1)
   if pending is not None:
     _consume(run, *pending)
   upload = sum(network.payload_nbytes(np.shape(x), np.float32, wire(ocfg))

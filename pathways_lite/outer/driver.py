@@ -15,8 +15,8 @@ import json
 import logging
 import os
 
-from pathways_lite import plots
-from pathways_lite.outer.common import Run
+from pathways_lite import checkpoint, plots
+from pathways_lite.outer.common import Preempted, Run
 from pathways_lite.outer.config import OuterConfig
 
 log = logging.getLogger(__name__)
@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 # algorithm -> module with train(run) -> summary
 MODULES = {"ddp": "ddp", "local_sgd": "diloco", "diloco": "diloco", "streaming": "streaming",
            "eager": "eager", "async_local_sgd": "async_local_sgd"}
+# algorithms whose loop resumes from a checkpoint (Run.resume); the others only start fresh
+RESUMABLE = ("local_sgd", "diloco", "async_local_sgd")
 MAX_TRACE_SPANS = 4000  # the PNG of a longer trace is unreadable (and slow): JSON only
 
 
@@ -61,10 +63,32 @@ def run_with_state(config, workdir: str | None, devices=None) -> tuple[dict, Run
   """Like `run`, also returning the finished Run (its `.state`: final arrays + meta)."""
   ocfg = check(config)
   module = importlib.import_module(f"pathways_lite.outer.{MODULES[ocfg.algorithm]}")
-  r = Run(config, workdir, devices=devices)
+  ckpt = None
+  if workdir and config.checkpoint.enabled:
+    if ocfg.algorithm not in RESUMABLE:
+      log.warning("checkpoint.enabled: outer.algorithm=%r does not resume from checkpoints yet "
+                  "(only %s); running without checkpoints", ocfg.algorithm, list(RESUMABLE))
+    else:
+      ckpt = checkpoint.for_run(config, workdir)
+  r = Run(config, workdir, devices=devices, checkpointer=ckpt)
   try:
-    summary = module.train(r)
+    try:
+      summary = module.train(r)
+    except Preempted as p:
+      ckpt.close()
+      ckpt = None
+      print(f"preempted: saved step {p.step} in {r.ckpt.directory}; rerun the same command "
+            "to resume", flush=True)
+      if r.writer is not None:
+        r.writer.close()
+      return {"config_name": config.name, "workdir": workdir, "preempted": True, "step": p.step,
+              "final_val_loss": float("nan"), "final_val_perplexity": float("nan")}, r
+    if ckpt is not None:  # the final state, always
+      if ckpt.last_saved_step != r.state["meta"]["step"]:
+        r.save()
   finally:
+    if ckpt is not None:
+      ckpt.close()
     r.close()
   if workdir:
     write_outputs(r, summary)
