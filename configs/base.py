@@ -5,8 +5,8 @@ Every other config file starts from `get_config()` here and changes values;
 Not meant to be run directly (it trains the default tiny model for 1000 steps).
 
 Sections: seed, name, model (models.config.ModelConfig fields), data, train,
-outer (the outer loop; "single" = one island, plain AdamW), runtime and
-checkpoint (placeholders, filled by the runtime and checkpoint modules).
+outer (the outer loop; "single" = one island, plain AdamW), runtime (local |
+ray | pathways islands; pathways_lite/ray_backends.py) and checkpoint.
 """
 import ml_collections
 
@@ -44,7 +44,15 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.outer = ml_collections.ConfigDict(OuterConfig().to_dict())  # fields: pathways_lite/outer/config.py
 
+  # where the islands live: pathways_lite/ray_backends.py (fields), ray_islands.RUNTIME_DEFAULTS
   c.runtime = ml_collections.ConfigDict()
+  c.runtime.backend = "local"        # local | ray | pathways
+  c.runtime.ray_address = ""         # "" starts a local Ray instance; "HOST:PORT" joins a cluster
+  c.runtime.island_num_cpus = 1.0    # Ray CPUs per island actor
+  c.runtime.island_num_gpus = 0.0    # GPUs per island actor (0: CPU islands)
+  c.runtime.island_devices = 1       # JAX devices per island
+  c.runtime.start_timeout_s = 120.0  # islands not started by then: IslandStartError
+  c.runtime.replace_lost = True      # a lost island is replaced and rejoins at the next outer step
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.enabled = True       # False: no checkpoints, no resume
   c.checkpoint.every_steps = 0      # save when step % every_steps == 0; 0 = not by steps

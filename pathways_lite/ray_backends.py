@@ -15,6 +15,8 @@ runtime.island_num_gpus    GPUs per island actor (0: CPU islands)
 runtime.island_devices     JAX devices per island (CPU islands get as many fake host devices)
 runtime.start_timeout_s    islands not started by then raise IslandStartError (e.g. the
                            cluster lacks the resources)
+runtime.replace_lost       outer loops: a lost island is replaced by a fresh actor that joins
+                           at the next outer step (False: the run goes on with the survivors)
 =========================  ====================================================================
 
 ``make_runtime_from_config(config.runtime, names, clock=..., links=...)`` is
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import collections
 import importlib
+import math
 
 import numpy as np
 from jax.sharding import Mesh
@@ -39,6 +42,33 @@ from pathways_lite.ray_islands import BACKENDS, RUNTIME_DEFAULTS, RayIsland
 def _choice(field, value, allowed):
     if value not in allowed:
         raise ValueError(f"config field {field!r}={value!r} is not allowed; allowed values: {list(allowed)}")
+
+
+def runtime_config(runtime_cfg) -> dict:
+    """The ``runtime`` section as a dict with defaults filled in; ValueError naming a bad field."""
+    d = dict(runtime_cfg.to_dict() if hasattr(runtime_cfg, "to_dict") else runtime_cfg)
+    unknown = sorted(set(d) - set(RUNTIME_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown config field(s) {['runtime.' + k for k in unknown]}; allowed: "
+                         f"{['runtime.' + k for k in RUNTIME_DEFAULTS]}")
+    d = {**RUNTIME_DEFAULTS, **d}
+    _choice("runtime.backend", d["backend"], BACKENDS)
+    if not isinstance(d["ray_address"], str):
+        raise ValueError(f"config field 'runtime.ray_address' must be a string ('' starts a local Ray "
+                         f"instance; 'HOST:PORT' joins one), got {d['ray_address']!r}")
+    for f, lo_open in (("island_num_cpus", False), ("island_num_gpus", False), ("start_timeout_s", True)):
+        v = d[f]
+        ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and (
+            v > 0 if lo_open else v >= 0)
+        if not ok:
+            raise ValueError(f"config field 'runtime.{f}' must be a finite number "
+                             f"{'> 0' if lo_open else '>= 0'}, got {v!r}")
+    v = d["island_devices"]
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"config field 'runtime.island_devices' must be an int >= 1, got {v!r}")
+    if not isinstance(d["replace_lost"], bool):
+        raise ValueError(f"config field 'runtime.replace_lost' must be a bool, got {d['replace_lost']!r}")
+    return d
 
 
 def islands_from_slices(devices, *, mesh_axes=("data",), prefix: str = "slice") -> list[Island]:
@@ -115,13 +145,9 @@ def make_runtime(backend: str = "local", *, islands=None, num_islands: int | Non
 
 
 def make_runtime_from_config(runtime_cfg, islands, *, clock="real", links=None, trace=True):
-    """``make_runtime`` from the ``runtime`` config section (unknown fields named)."""
-    d = dict(runtime_cfg.to_dict() if hasattr(runtime_cfg, "to_dict") else runtime_cfg)
-    unknown = sorted(set(d) - set(RUNTIME_DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown config field(s) {['runtime.' + k for k in unknown]}; allowed: "
-                         f"{['runtime.' + k for k in RUNTIME_DEFAULTS]}")
-    d = {**RUNTIME_DEFAULTS, **d}
+    """``make_runtime`` from the ``runtime`` config section (bad or unknown fields named)."""
+    d = runtime_config(runtime_cfg)
+    d.pop("replace_lost")       # the outer loops' field
     backend = d.pop("backend")
     return make_runtime(backend, islands=islands, clock=clock, links=links, trace=trace, **d)
 
@@ -149,13 +175,7 @@ def from_local(runtime_cfg, local, **ray_kwargs):
     ``local`` itself for backend "local", ``ray_like(local)`` (same island names, clock, links)
     for "ray", one island per TPU slice for "pathways". One line in a loop's runtime factory:
     ``return from_local(config.runtime, Runtime(islands, clock=..., links=...))``."""
-    d = dict(runtime_cfg.to_dict() if hasattr(runtime_cfg, "to_dict") else runtime_cfg)
-    unknown = sorted(set(d) - set(RUNTIME_DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown config field(s) {['runtime.' + k for k in unknown]}; allowed: "
-                         f"{['runtime.' + k for k in RUNTIME_DEFAULTS]}")
-    d = {**RUNTIME_DEFAULTS, **d}
-    _choice("runtime.backend", d["backend"], BACKENDS)
+    d = runtime_config(runtime_cfg)
     if d["backend"] == "local":
         return local
     clock = local.clock if local.clock.kind == "virtual" else "real"

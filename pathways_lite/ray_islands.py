@@ -88,6 +88,7 @@ RUNTIME_DEFAULTS = {
     "island_num_gpus": 0.0,   # GPUs per island actor (0: CPU islands)
     "island_devices": 1,      # JAX devices per island (CPU islands get this many fake host devices)
     "start_timeout_s": 120.0,  # an island that has not started by then raises IslandStartError
+    "replace_lost": True,     # outer loops: start a replacement for a lost island (joins next outer step)
 }
 
 

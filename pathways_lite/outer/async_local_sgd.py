@@ -33,6 +33,7 @@ from pathways_lite.futures import ALL_COMPLETED, FIRST_COMPLETED, wait
 from pathways_lite.outer import rules
 from pathways_lite.outer.common import SERVER, Run, memo, wire
 from pathways_lite.outer.inner import pick0, pick1, pick2
+from pathways_lite.ray_elastic import Elastic, IslandLost
 
 finite_fn = jax.jit(rules.tree_is_finite)
 
@@ -67,21 +68,26 @@ def train(run: Run) -> dict:
                      cost=0, name="outer init")
     naive = make_naive_update(opt)
   ws = [rt.transfer(init, island=w, name=f"init {w}") for w in run.workers]
+  el = Elastic(run)   # a lost worker: stop hearing from it; replaced, it restarts from the global params
   book = {"dispatched": 0, "applied": 0, "version": 0, "dn_count": 0, "arrivals": 0}
   inflight: dict = {}     # delta-at-server Future -> (worker, steps, summary Future, version)
   order = {}              # dispatch order, to break ties between equal arrival times
 
   def launch(w: int) -> None:
+    if w in el.out:
+      return
     h = min(steps_w[w], budget - book["dispatched"])
     if h <= 0:
       return
     book["dispatched"] += h
-    shard = w
+    shard = el.shard[w]
     if ocfg.shard_sampling == "least_progress":
       frac = [p / it.batches_per_epoch for p, it in zip(run.shard_progress, run.iters)]
       shard = rules.sample_shard(frac, run.rng)
     isl = run.workers[w]
     start = rt.transfer(gp, island=isl, name=f"params->{isl}")
+    if w in el.pending_join:               # a replacement: it starts from the current global params
+      el.joined(book["applied"] // M, w, start, gp)
     out = rt.call(inner.phase, ws[w], start, run.batches(shard, h), island=isl, cost=h,
                   name=f"phase (shard {shard})")
     ws[w] = rt.call(pick0, out, island=isl, cost=0, name="state")
@@ -105,14 +111,22 @@ def train(run: Run) -> dict:
       order[up] = len(order)
   while inflight:
     done, _ = wait(list(inflight), return_when=FIRST_COMPLETED)
-    group = sorted(done, key=lambda f: (f.times[2], order[f]))
+    group = sorted(done, key=lambda f: (_ended(f), order[f]))
     if ocfg.grace_period_s > 0:
       rest = [f for f in inflight if f not in done]
       more, _ = wait(rest, timeout=ocfg.grace_period_s, return_when=ALL_COMPLETED) if rest else ((), ())
-      group += sorted(more, key=lambda f: (f.times[2], order[f]))
+      group += sorted(more, key=lambda f: (_ended(f), order[f]))
     restart = []
     for up in group:
       w, h, summary, version = inflight.pop(up)
+      if isinstance(up.exception(), IslandLost) and up.exception().island == run.workers[w]:
+        book["dispatched"] -= h               # its phase never arrives: the budget goes back
+        ws[w] = init                          # its inner state is gone (a replacement starts fresh)
+        for v in el.lost(book["applied"] // M, {w: up.exception()}):
+          ws[v] = rt.transfer(init, island=run.workers[v], name=f"join {run.workers[v]}")
+          restart.append(v)
+        run.write(book["applied"] // M, {"outer/workers_alive": float(el.num_alive())})
+        continue
       restart.append(w)
       book["arrivals"] += 1
       step = book["applied"] // M
@@ -146,3 +160,8 @@ def train(run: Run) -> dict:
                in_flight=[[v[0], v[1], v[3]] for v in inflight.values()])
   run.evaluate(book["applied"] // M, gp)
   return run.summary(gp, arrivals=book["arrivals"], steps_per_phase=steps_w)
+
+
+def _ended(f) -> float:
+  t = f.times[2]
+  return float("inf") if t is None else t

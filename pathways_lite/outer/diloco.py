@@ -29,6 +29,7 @@ from pathways_lite import network
 from pathways_lite.outer import rules
 from pathways_lite.outer.common import SERVER, Run, memo, outer_optimizer, wire, zeros_f32
 from pathways_lite.outer.inner import pick0, pick1, pick2, pick_delta, pick_state, pick_summary
+from pathways_lite.ray_elastic import Elastic
 
 
 def make_outer_update(opt: optax.GradientTransformation):
@@ -86,30 +87,44 @@ def train(run: Run) -> dict:
     arrays, meta = resumed
     gp, ostate, ws = arrays["global"]["params"], arrays["global"]["opt_state"], arrays["workers"]
     step, t0 = meta["step"], meta["outer_step"]
+  el = Elastic(run)     # a lost island: average over the survivors, replace it (Ray backend)
   for t in range(t0, num_outer):
     h = min(H, run.total_steps - t * H)
-    active = active_workers(run, t, num_outer)
+    active = el.alive(active_workers(run, t, num_outer))
     keep = np.array([w in active for w in range(M)])
     if ocfg.drop_prob > 0:
       drop = run.rng.random(M) < ocfg.drop_prob
       run.dropped += int(np.sum(drop & keep))
       keep &= ~drop
-    deltas, summaries = [zeros] * M, {}
+    deltas, summaries, starts = [zeros] * M, {}, {}
     for w in active:
       isl = run.workers[w]
-      start = rt.transfer(gp, island=isl, name=f"params->{isl}")
-      out = rt.call(inner.phase, ws[w], start, run.batches(w, h), island=isl, cost=h,
+      start = starts[w] = rt.transfer(gp, island=isl, name=f"params->{isl}")
+      out = rt.call(inner.phase, ws[w], start, el.batches(w, h), island=isl, cost=h,
                     name=f"phase {t}")
       ws[w] = rt.call(pick_state, out, island=isl, cost=0, name="state")
       d = rt.call(pick_delta, out, island=isl, cost=0, name="delta")
       deltas[w] = rt.transfer(d, island=SERVER, wire_dtype=wire(ocfg), name=f"delta {w}")
       summaries[w] = rt.call(pick_summary, out, island=isl, cost=0, name="summary")
+    _, lost = el.settle({w: deltas[w] for w in active})   # Ray: waits for this step's deltas
+    for w in lost:                                        # average over the survivors
+      keep[w], deltas[w] = False, zeros
+      summaries.pop(w)
+    for w in el.pending_join & set(starts):
+      el.joined(t, w, starts[w], gp)
+    prev = (gp, ostate) if lost else None
     upd = rt.call(update, gp, ostate, deltas, weights, keep, island=SERVER, cost=0,
                   name=f"outer step {t}")
     gp = rt.call(pick0, upd, island=SERVER, cost=0, name="global params")
     ostate = rt.call(pick1, upd, island=SERVER, cost=0, name="outer state")
     info = rt.call(pick2, upd, island=SERVER, cost=0, name="info")
     step += h
+    if lost:
+      _audit(el, t, step, prev, (gp, ostate), deltas, weights, keep, lost)
+      for w in lost:                          # the lost state is gone; a replacement starts fresh
+        ws[w] = fresh_state(init, step)
+      for w in el.lost(step, lost):           # rejoins at step t+1 from the global params
+        ws[w] = rt.transfer(ws[w], island=run.workers[w], name=f"join {run.workers[w]}")
     if pending is not None:                 # step t-1's metrics, after step t is enqueued
       _consume(run, *pending)
     pending = (step, summaries, info, keep)
@@ -119,7 +134,7 @@ def train(run: Run) -> dict:
       if run.eval_due(step):
         run.evaluate(step, gp)
     run.commit(step, {"global": {"params": gp, "opt_state": ostate}, "workers": ws},
-               outer_step=t + 1)
+               outer_step=t + 1, elastic=el.meta())
   if pending is not None:
     _consume(run, *pending)
   upload = sum(network.payload_nbytes(np.shape(x), np.float32, wire(ocfg))
@@ -136,4 +151,20 @@ def _consume(run: Run, step: int, summaries: dict, info, keep) -> None:
       run.reject(step, w, "non-finite pseudo-gradient (NaN/Inf); not applied")
   run.progress(step, {"outer/applied": float(inf["applied"]),
                       "outer/workers": float(np.sum(keep)),
+                      "outer/workers_alive": float(len(summaries)),
                       "outer/delta_norm": float(inf["delta_norm"])})
+
+
+def fresh_state(init, step: int):
+  """A joining worker's TrainState (host): fresh inner optimizer state, the run's inner step count."""
+  return init.replace(step=np.asarray(step, np.asarray(init.step).dtype))
+
+
+def _audit(el, t, step, prev, new, deltas, weights, keep, lost) -> None:
+  """Host record of a step that lost workers: what the survivors' average must reproduce."""
+  get = lambda x: jax.device_get(x.result() if hasattr(x, "result") else x)   # noqa: E731
+  el.audit.append({"outer_step": t, "step": int(step), "lost": sorted(int(w) for w in lost),
+                   "keep": np.asarray(keep).copy(), "weights": np.asarray(weights).copy(),
+                   "prev_params": get(prev[0]), "prev_opt_state": get(prev[1]),
+                   "deltas": {w: get(d) for w, d in enumerate(deltas) if keep[w]},
+                   "params": get(new[0]), "opt_state": get(new[1])})
