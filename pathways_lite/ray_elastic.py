@@ -81,7 +81,8 @@ class Elastic:
         if not self.enabled or not futures:
             return dict(futures), {}
         ok, lost = split_survivors(futures)
-        for w, exc in lost.items():
+        for key, exc in lost.items():      # keys: worker, or (worker, anything)
+            w = key[0] if isinstance(key, tuple) else key
             if getattr(exc, "island", None) != self.run.workers[w]:
                 raise exc       # the server (or another non-worker island) was lost: not survivable
         return ok, lost

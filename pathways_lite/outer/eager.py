@@ -29,6 +29,7 @@ import numpy as np
 from pathways_lite.outer import rules
 from pathways_lite.outer.common import SERVER, Run, memo, wire, zeros_f32
 from pathways_lite.outer.inner import pick0, pick1, pick2, pick_params
+from pathways_lite.ray_elastic import Elastic
 
 
 def make_exchange(M: int, eager: bool):
@@ -80,23 +81,41 @@ def train(run: Run) -> dict:
   num_outer = math.ceil(run.total_steps / H)
   run.evaluate(0, init.params)
   pending, step = None, 0
+  el = Elastic(run)     # a lost island: exchange over the survivors, replace it (Ray backend)
+  zs = rt.call(zeros_f32, init.params, island=SERVER, cost=0, name="zeros") if el.enabled else None
   for t in range(num_outer):
     h = min(H, run.total_steps - t * H)
-    own, ups, summaries = [], [], {}
-    for m, isl in enumerate(run.workers):
-      out = rt.call(inner.phase, ts[m], theta[m], run.batches(m, h), island=isl, cost=h,
+    live = el.alive(range(M))
+    own, ups, summaries = [None] * M, [zs] * M, {}
+    for m in live:
+      isl = run.workers[m]
+      out = rt.call(inner.phase, ts[m], theta[m], el.batches(m, h), island=isl, cost=h,
                     name=f"phase {t}")
       ts[m] = rt.call(pick0, out, island=isl, cost=0, name="state")
-      own.append(rt.call(pick1, out, island=isl, cost=0, name="delta"))
+      own[m] = rt.call(pick1, out, island=isl, cost=0, name="delta")
       summaries[m] = rt.call(pick2, out, island=isl, cost=0, name="summary")
-      ups.append(rt.transfer(own[m], island=SERVER, wire_dtype=wire(ocfg), name=f"delta {m}"))
-    ex = rt.call(exchange, ups, weights, island=SERVER, cost=0, name=f"exchange {t}")
-    for m, isl in enumerate(run.workers):
+      ups[m] = rt.transfer(own[m], island=SERVER, wire_dtype=wire(ocfg), name=f"delta {m}")
+    _, lost = el.settle({m: ups[m] for m in live})      # Ray: waits for this step's deltas
+    for m in lost:
+      ups[m] = zs
+      summaries.pop(m)
+    survivors = [m for m in live if m not in lost]
+    wts = weights
+    if len(survivors) < M:                              # shard-size weights renormalised
+      mask = np.array([m in survivors for m in range(M)], np.float32)
+      wts = (weights * mask / max(float(np.sum(weights * mask)), 1e-30)).astype(np.float32)
+    ex = rt.call(exchange, ups, wts, island=SERVER, cost=0, name=f"exchange {t}")
+    for m in range(M):
+      if m not in survivors:
+        arrived[m].append(None)
+        continue
+      isl = run.workers[m]
       part = rt.call(_pick_i(m if eager else 0), ex, island=SERVER, cost=0, name=f"for {isl}")
       arrived[m].append(rt.transfer(part, island=isl, wire_dtype=wire(ocfg), name=f"sum->{isl}"))
-    for m, isl in enumerate(run.workers):
+    for m in survivors:
+      isl = run.workers[m]
       other = arrived[m][t - d] if t >= d else zeros[m]
-      upd = rt.call(update, theta[m], ostate[m], own[m], other, float(weights[m]), island=isl,
+      upd = rt.call(update, theta[m], ostate[m], own[m], other, float(wts[m]), island=isl,
                     cost=0, name=f"outer step {t}")
       theta[m] = rt.call(pick0, upd, island=isl, cost=0, name="theta")
       ostate[m] = rt.call(pick1, upd, island=isl, cost=0, name="outer state")
@@ -104,9 +123,12 @@ def train(run: Run) -> dict:
         arrived[m][t - d] = None                  # consumed: let it go
     info = rt.call(pick1, ex, island=SERVER, cost=0, name="finite")
     step += h
+    if lost:
+      _lose_and_rejoin(run, el, step, t, d, eager, lost, survivors, init, ts, theta, ostate, zeros,
+                       arrived)
     run.commit(step, {"workers": ts, "theta": theta, "outer_opt_state": ostate,
                       "in_flight": [[a for a in arr if a is not None] for arr in arrived]},
-               outer_step=t + 1, overlap_outer_steps=d)
+               outer_step=t + 1, overlap_outer_steps=d, elastic=el.meta())
     if pending is not None:
       _consume(run, *pending)
     pending = (step, summaries, info)
@@ -120,9 +142,37 @@ def train(run: Run) -> dict:
   return run.summary(final)
 
 
+def _lose_and_rejoin(run, el, step, t, d, eager, lost, survivors, init, ts, theta, ostate, zeros,
+                     arrived) -> None:
+  """Lost workers drop out; replacements get the consensus params, a survivor's outer optimizer
+  state, a fresh inner state, and the exchanges still in flight (delayed: a survivor's; eager:
+  zeros, having sent nothing)."""
+  from pathways_lite.outer.diloco import fresh_state
+  rt = run.rt
+  for m in lost:
+    ts[m] = theta[m] = ostate[m] = zeros[m] = None
+    arrived[m] = [None] * len(arrived[m])
+  if not survivors:
+    raise RuntimeError(f"every worker was lost at outer step {t}; nothing to continue from")
+  rejoin = el.lost(step, lost)
+  if not rejoin:
+    return
+  src = survivors[0]
+  glob = consensus([theta[m] for m in survivors])
+  for m in rejoin:
+    isl = run.workers[m]
+    ts[m] = rt.transfer(fresh_state(init, step).replace(params=glob), island=isl, name=f"join {isl}")
+    theta[m] = rt.call(pick_params, ts[m], island=isl, cost=0, name="theta")
+    ostate[m] = rt.transfer(ostate[src], island=isl, name=f"outer state->{isl}")
+    zeros[m] = rt.call(zeros_f32, theta[m], island=isl, cost=0, name="zeros")
+    for i in range(max(0, t - d + 1), t + 1):
+      arrived[m][i] = zeros[m] if eager else rt.transfer(arrived[src][i], island=isl, name=f"sum->{isl}")
+    el.joined(t + 1, m, theta[m], glob)
+
+
 def consensus(theta) -> dict:
   """The mean of the workers' outer params (host arrays); identical copies stay bitwise equal."""
-  vals = [jax.device_get(t.result()) for t in theta]
+  vals = [jax.device_get(t.result()) for t in theta if t is not None]
   if all(_equal(vals[0], v) for v in vals[1:]):
     return vals[0]
   return jax.tree.map(lambda *xs: np.mean(np.stack(xs), axis=0), *vals)
@@ -139,4 +189,4 @@ def _consume(run: Run, step: int, summaries: dict, info) -> None:
   for m in summaries:
     if not finite[m]:
       run.reject(step, m, "non-finite pseudo-gradient (NaN/Inf); counted as zero")
-  run.progress(step)
+  run.progress(step, {"outer/workers_alive": float(len(summaries))})

@@ -22,9 +22,10 @@ import numpy as np
 
 from pathways_lite import network
 from pathways_lite.outer import fragments, rules
-from pathways_lite.outer.common import SERVER, Run, memo, wire
+from pathways_lite.outer.common import SERVER, Run, memo, wire, zeros_f32
 from pathways_lite.outer.diloco import make_outer_update
-from pathways_lite.outer.inner import pick0, pick1, pick2
+from pathways_lite.outer.inner import pick0, pick1, pick2, pick_params
+from pathways_lite.ray_elastic import Elastic
 
 
 def _frag_fns(run: Run, ids, f: int):
@@ -66,7 +67,6 @@ def train(run: Run) -> dict:
   update = make_outer_update(run.outer_opt)
   opt_init = memo(("opt_init", run.outer_opt), lambda: jax.jit(run.outer_opt.init))
   weights = np.asarray(run.weights, np.float32)
-  keep = np.ones(M, bool)
   gfrag = [rt.call(fns[f][0], init.params, island=SERVER, cost=0, name=f"fragment {f}")
            for f in range(F)]
   fopt = [rt.call(opt_init, g, island=SERVER, cost=0, name="outer init") for g in gfrag]
@@ -79,35 +79,56 @@ def train(run: Run) -> dict:
   in_flight: dict[int, list] = {}   # fragment -> new global value on each worker
   run.evaluate(0, init.params)
   pending, prev, syncs = None, 0, 0
+  el = Elastic(run)     # a lost island: fragment syncs over the survivors, replace it (Ray backend)
+  zfrag = [rt.call(zeros_f32, g, island=SERVER, cost=0, name="zeros") for g in gfrag] if el.enabled else None
   for s in points:
     k = s - prev
     summaries = {}
+    live = el.alive(range(M))
     if k > 0:
-      for w, isl in enumerate(run.workers):
-        out = rt.call(inner.steps, ws[w], run.batches(w, k), island=isl, cost=k, name=f"steps ->{s}")
+      for w in live:
+        isl = run.workers[w]
+        out = rt.call(inner.steps, ws[w], el.batches(w, k), island=isl, cost=k, name=f"steps ->{s}")
         ws[w] = rt.call(pick0, out, island=isl, cost=0, name="state")
         summaries[w] = rt.call(pick1, out, island=isl, cost=0, name="summary")
     prev = s
     sync, merge = events.get(s, ([], []))
+    ups = {}
+    for f in sync:
+      for w in live:
+        isl = run.workers[w]
+        d = rt.call(fns[f][1], ws[w], anchors[w][f], island=isl, cost=0, name=f"delta f{f}")
+        ups[w, f] = rt.transfer(d, island=SERVER, wire_dtype=wire(ocfg), name=f"delta f{f} {w}")
+    watch = dict(ups)
+    watch.update({(w, "steps"): x for w, x in summaries.items()})
+    _, lost_keys = el.settle(watch)                   # Ray: waits for this point's work
+    lost = {}
+    for (w, _), e in lost_keys.items():
+      lost.setdefault(w, e)
+    for w in lost:
+      summaries.pop(w, None)
+    keep_s = np.array([w in live and w not in lost for w in range(M)])
     infos = []
     for f in sync:
-      ups = []
-      for w, isl in enumerate(run.workers):
-        d = rt.call(fns[f][1], ws[w], anchors[w][f], island=isl, cost=0, name=f"delta f{f}")
-        ups.append(rt.transfer(d, island=SERVER, wire_dtype=wire(ocfg), name=f"delta f{f} {w}"))
-      upd = rt.call(update, gfrag[f], fopt[f], ups, weights, keep, island=SERVER, cost=0,
-                    name=f"outer step f{f}")
+      fups = [ups[w, f] if keep_s[w] else zfrag[f] for w in range(M)]
+      upd = rt.call(update, gfrag[f], fopt[f], fups, weights, keep_s,
+                    island=SERVER, cost=0, name=f"outer step f{f}")
       gfrag[f] = rt.call(pick0, upd, island=SERVER, cost=0, name=f"fragment {f}")
       fopt[f] = rt.call(pick1, upd, island=SERVER, cost=0, name="outer state")
       infos.append(rt.call(pick2, upd, island=SERVER, cost=0, name="info"))
-      in_flight[f] = [rt.transfer(gfrag[f], island=isl, name=f"f{f}->{isl}") for isl in run.workers]
+      in_flight[f] = [rt.transfer(gfrag[f], island=isl, name=f"f{f}->{isl}") if keep_s[w] else None
+                      for w, isl in enumerate(run.workers)]
       syncs += 1
     for f in merge:
       new = in_flight.pop(f)
       for w, isl in enumerate(run.workers):
+        if not keep_s[w]:
+          continue
         ws[w] = rt.call(fns[f][2], ws[w], new[w], ocfg.merge_alpha, island=isl, cost=0,
                         name=f"merge f{f}")
         anchors[w][f] = new[w]
+    if lost:
+      _lose_and_rejoin(run, el, s, lost, init, ids, gfrag, ws, anchors, in_flight)
     run.commit(s, {"global": {"fragments": gfrag, "opt_state": fopt}, "workers": ws,
                    "anchors": anchors, "in_flight": dict(in_flight)}, syncs=syncs)
     if pending is not None:
@@ -122,6 +143,29 @@ def train(run: Run) -> dict:
   final = global_params(init.params, ids, gfrag)
   return run.summary(final, num_fragments_total=F, sync_bytes=sync_bytes,
                      peak_sync_bytes=M * max(sync_bytes), syncs=syncs)
+
+
+def _lose_and_rejoin(run, el, s, lost, init, ids, gfrag, ws, anchors, in_flight) -> None:
+  """Lost workers drop out; a replacement gets the current global params (all fragments), fresh
+  inner optimizer state, anchors = the server's fragments, and the in-flight fragment values."""
+  from pathways_lite.outer.diloco import fresh_state
+  rt = run.rt
+  for w in lost:
+    ws[w] = None
+    anchors[w] = [None] * len(anchors[w])
+    for f in in_flight:
+      in_flight[f][w] = None
+  rejoin = el.lost(s, lost)
+  if not rejoin:
+    return
+  glob = global_params(init.params, ids, gfrag)
+  for w in rejoin:
+    isl = run.workers[w]
+    ws[w] = rt.transfer(fresh_state(init, s).replace(params=glob), island=isl, name=f"join {isl}")
+    anchors[w] = [rt.transfer(g, island=isl, name="anchor") for g in gfrag]
+    for f in in_flight:
+      in_flight[f][w] = anchors[w][f]
+    el.joined(s, w, rt.call(pick_params, ws[w], island=isl, cost=0, name="params"), glob)
 
 
 def global_params(like, ids, gfrag):
@@ -140,4 +184,4 @@ def _consume(run: Run, step: int, summaries: dict, infos: list) -> None:
     for w in range(run.M):
       if not finite[w]:
         run.reject(step, w, "non-finite pseudo-gradient fragment (NaN/Inf); not applied")
-  run.progress(step)
+  run.progress(step, {"outer/workers_alive": float(len(summaries))})

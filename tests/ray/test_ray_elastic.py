@@ -119,3 +119,19 @@ def test_runtime_config_errors_name_the_field():
         with pytest.raises(ValueError, match=f"runtime.{field}"):
             runtime_config({field: value})
     assert runtime_config(shrunk().runtime)["backend"] == "ray"
+
+
+@pytest.mark.parametrize("algorithm,outer,victim_call", [
+    ("eager", {"eager_mode": "eager", "overlap_outer_steps": 1}, "phase 1"),
+    ("streaming", {"num_fragments": 1, "overlap_tau": 1}, "steps ->3"),
+])
+def test_eager_and_streaming_survive_a_lost_worker(ray_cluster, monkeypatch, tmp_path, algorithm, outer,
+                                                   victim_call):
+    c = shrunk(algorithm, **outer)
+    fired = kill_during(monkeypatch, "worker1", victim_call)
+    summary, r = driver.run_with_state(c, str(tmp_path))
+    assert "pid" in fired
+    assert [e["event"] for e in r.elastic.events] == ["lost", "replaced", "joined"]
+    alive = [v for _, v in metric(tmp_path, "outer/workers_alive")]
+    assert 1.0 in alive and alive[0] == 2.0 and alive[-1] == 2.0
+    assert np.isfinite(summary["final_val_loss"])
