@@ -8,8 +8,8 @@
       print(g.result())
 
 The outer loops live in `pathways_lite.outer` (`outer.run(config, workdir)`),
-Ray-hosted islands in `pathways_lite.ray_islands` (imported on demand: Ray is
-only needed there).
+Ray-hosted islands in `pathways_lite.ray_islands` (`make_runtime(backend="ray")`;
+Ray itself is imported only when a Ray runtime is made).
 """
 from pathways_lite.checkpoint import Checkpointer, CheckpointError, SavePolicy
 from pathways_lite.clock import RealClock, VirtualClock
@@ -17,6 +17,7 @@ from pathways_lite.futures import (ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTI
                                    as_completed, wait)
 from pathways_lite.islands import GANG_AXIS, Island, make_islands
 from pathways_lite.network import Link, LinkModel
+from pathways_lite.ray_islands import IslandLost, RayIsland, make_runtime  # Ray imported on use
 from pathways_lite.runtime import Runtime
 from pathways_lite.trace import Trace
 
@@ -24,7 +25,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ALL_COMPLETED", "FIRST_COMPLETED", "FIRST_EXCEPTION", "GANG_AXIS",
-    "Checkpointer", "CheckpointError", "Future", "Island", "Link", "LinkModel",
-    "RealClock", "Runtime", "SavePolicy", "Trace", "VirtualClock",
-    "as_completed", "make_islands", "wait",
+    "Checkpointer", "CheckpointError", "Future", "Island", "IslandLost", "Link", "LinkModel",
+    "RayIsland", "RealClock", "Runtime", "SavePolicy", "Trace", "VirtualClock",
+    "as_completed", "make_islands", "make_runtime", "wait",
 ]
