@@ -16,23 +16,15 @@ where DiLoCo-Nesterov beats one worker. The workdir
 holds metrics.jsonl, outer.png (val loss vs steps / tokens / simulated time,
 bytes sent), trace.json + trace.png (the simulated timeline) and summary.txt.
 """
-import importlib.util
 import os
+import sys
 
-
-def _load(name):
-  try:
-    return importlib.import_module(f"configs.{name}")
-  except ImportError:  # loaded by file path with the repo root not on sys.path
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"configs_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # loaded by path
+from configs import tiny  # noqa: E402
 
 
 def get_config():
-  c = _load("tiny").get_config()
+  c = tiny.get_config()
   c.name = "diloco_tiny"
   c.train.update(steps=300, warmup_steps=30, eval_every=50, eval_batches=8, log_every=25)
   c.outer.update(algorithm="diloco", num_workers=4, inner_steps=25, optimizer="nesterov",

@@ -13,23 +13,15 @@ Commands (one H100 or H200):
       one H100; watch val/loss in loss_vs_step.png for overfitting).
 Not for CPU (use configs/tiny.py).
 """
-import importlib.util
 import os
+import sys
 
-
-def _base():
-  try:
-    from configs import base
-  except ImportError:  # loaded by file path with the repo root not on sys.path
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "base.py")
-    spec = importlib.util.spec_from_file_location("configs_base", path)
-    base = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(base)
-  return base
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # loaded by path
+from configs import base  # noqa: E402
 
 
 def get_config():
-  c = _base().get_config()
+  c = base.get_config()
   c.name = "lm_125m"
   c.model.update(d_model=768, num_layers=12, num_heads=12, num_kv_heads=12, d_ff=3584,
                  max_seq_len=1024, compute_dtype="bfloat16", attention_impl="cudnn")

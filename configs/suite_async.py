@@ -20,16 +20,11 @@ sync 2.032 at every level / 648, 750, 1206, 2298 s; DN 2.44, 2.36, 2.35, 2.41 /
 diverges (4.6-15.1). So: sync < DN <= DN+DyLU (mixed) << naive by loss at equal compute,
 and async finishes 1.4-2.9x sooner in simulated time, more so with more heterogeneity.
 """
-import importlib.util
 import os
+import sys
 
-
-def _suite_base():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "suite_base.py")
-  spec = importlib.util.spec_from_file_location("configs_suite_base", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # loaded by path
+from configs import suite_base  # noqa: E402
 
 
 EXPECTED = ("per level, final loss: DN+DyLU ~ sync DiLoCo < DN < naive async; simulated time: "
@@ -43,7 +38,7 @@ def step_times(level: float, workers: int = 4) -> tuple:
 
 
 def get_config(scale="cpu"):
-  c = _suite_base().get_config(scale)
+  c = suite_base.get_config(scale)
   c.name = "suite_async"
   return c
 

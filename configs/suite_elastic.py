@@ -12,23 +12,18 @@ the total compute); ramping up is slightly better than ramping down.
 Observed on CPU (final val loss, 1.54M tokens each): ramp up 1.956 < ramp down 2.042
 < constant 2.063.
 """
-import importlib.util
 import os
+import sys
 
-
-def _suite_base():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "suite_base.py")
-  spec = importlib.util.spec_from_file_location("configs_suite_base", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # loaded by path
+from configs import suite_base  # noqa: E402
 
 
 EXPECTED = "ramp up ~ constant ~ ramp down (total compute decides), ramp up slightly ahead"
 
 
 def get_config(scale="cpu"):
-  c = _suite_base().get_config(scale)
+  c = suite_base.get_config(scale)
   c.name = "suite_elastic"
   c.outer.update(num_workers=8)
   return c

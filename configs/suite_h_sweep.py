@@ -16,16 +16,11 @@ H=30 with 50% drops 2.102 < H=10 2.125. Drops and non-iid behave as in the paper
 H=10 is last because Nesterov lr 0.7 over-steps with 60 outer steps at this scale
 (with lr 0.4, H=10 gives 2.064; FedAvg gives H=10 2.085 < H=30 2.113 < H=100 2.116).
 """
-import importlib.util
 import os
+import sys
 
-
-def _suite_base():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "suite_base.py")
-  spec = importlib.util.spec_from_file_location("configs_suite_base", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # loaded by path
+from configs import suite_base  # noqa: E402
 
 
 EXPECTED = ("H=10 <= H=30 < H=100 (communication / H); non-iid ~ iid at H=30; "
@@ -33,7 +28,7 @@ EXPECTED = ("H=10 <= H=30 < H=100 (communication / H); non-iid ~ iid at H=30; "
 
 
 def get_config(scale="cpu"):
-  c = _suite_base().get_config(scale)
+  c = suite_base.get_config(scale)
   c.name = "suite_h_sweep"
   return c
 

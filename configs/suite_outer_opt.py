@@ -14,16 +14,11 @@ Observed on CPU (final val loss): DDP 4x batch 1.884 < Nesterov 2.032 < 1 worker
 < FedAvg 2.113 < SGDM 2.245 < Adam 2.476: Nesterov is the best outer optimizer and
 the only one beating the single worker at this scale (600 steps, 123K params).
 """
-import importlib.util
 import os
+import sys
 
-
-def _suite_base():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "suite_base.py")
-  spec = importlib.util.spec_from_file_location("configs_suite_base", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # loaded by path
+from configs import suite_base  # noqa: E402
 
 
 EXPECTED = ("DDP 4x batch <= Nesterov < SGD-momentum, FedAvg < Adam < 1 worker "
@@ -31,7 +26,7 @@ EXPECTED = ("DDP 4x batch <= Nesterov < SGD-momentum, FedAvg < Adam < 1 worker "
 
 
 def get_config(scale="cpu"):
-  c = _suite_base().get_config(scale)
+  c = suite_base.get_config(scale)
   c.name = "suite_outer_opt"
   return c
 

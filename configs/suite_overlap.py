@@ -19,16 +19,11 @@ Ordering eager-1 < eager-2, delayed and overlap saving 43% (H=30) of simulated t
 hold; eager-1 stays well behind DiLoCo with the stale outer momentum of lr 0.7 (at
 outer lr 0.4: DiLoCo 2.109, eager-1 2.610, delayed 3.036).
 """
-import importlib.util
 import os
+import sys
 
-
-def _suite_base():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "suite_base.py")
-  spec = importlib.util.spec_from_file_location("configs_suite_base", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # loaded by path
+from configs import suite_base  # noqa: E402
 
 
 EXPECTED = ("final loss: no overlap <= eager-1 < eager-2 < delayed (per H); simulated time: "
@@ -36,7 +31,7 @@ EXPECTED = ("final loss: no overlap <= eager-1 < eager-2 < delayed (per H); simu
 
 
 def get_config(scale="cpu"):
-  c = _suite_base().get_config(scale)
+  c = suite_base.get_config(scale)
   c.name = "suite_overlap"
   c.outer.update(link_bandwidth_gbps=0.00025 if scale == "cpu" else 0.005, link_latency_s=0.1)
   return c

@@ -17,16 +17,11 @@ Observed on CPU (final val loss, peak bytes per sync): DiLoCo 1.957, 3.68 MB;
 tau=5 alpha=0.5: fp32 1.917, bf16 1.917 (0.85 MB), fp8 1.917 (0.43 MB), int4 1.915
 (0.23 MB). All within 0.07; 4-bit costs nothing; peak bytes fall as expected.
 """
-import importlib.util
 import os
+import sys
 
-
-def _suite_base():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "suite_base.py")
-  spec = importlib.util.spec_from_file_location("configs_suite_base", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # loaded by path
+from configs import suite_base  # noqa: E402
 
 
 EXPECTED = ("loss: diloco ~ streaming variants (small differences), 4-bit ~ fp32; peak bytes "
@@ -35,7 +30,7 @@ COLUMNS = (("peak bytes/sync", "peak_sync_bytes"), ("syncs", "syncs"))
 
 
 def get_config(scale="cpu"):
-  c = _suite_base().get_config(scale)
+  c = suite_base.get_config(scale)
   c.name = "suite_streaming"
   if scale == "cpu":
     c.model.update(num_layers=4)

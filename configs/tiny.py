@@ -8,23 +8,15 @@ Expected result: validation loss falls from ~5.3 nats/byte at step 0 (near
 uniform over 259 ids) to ~1.8 at step 300 (perplexity ~6); see
 runs/tiny/summary.txt and runs/tiny/loss_vs_step.png.
 """
-import importlib.util
 import os
+import sys
 
-
-def _base():
-  try:
-    from configs import base
-  except ImportError:  # loaded by file path with the repo root not on sys.path
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "base.py")
-    spec = importlib.util.spec_from_file_location("configs_base", path)
-    base = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(base)
-  return base
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # loaded by path
+from configs import base  # noqa: E402
 
 
 def get_config():
-  c = _base().get_config()
+  c = base.get_config()
   c.name = "tiny"
   c.model.update(d_model=128, num_layers=2, num_heads=4, num_kv_heads=4, max_seq_len=256)
   c.data.update(seq_len=128, batch_size=16)
