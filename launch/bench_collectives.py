@@ -30,7 +30,7 @@ import sys
 import time
 import traceback
 
-os.environ["NCCL_NVLS_ENABLE"] = "0"  # never NVLink multicast
+os.environ["NCCL_NVLS_ENABLE"] = "0"  # the GPU machines' required NCCL setting
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402

@@ -2,8 +2,8 @@
 
 Peer-to-peer only: data moves by stores into a neighbour's buffers through
 `plgpu.remote_ref`, and `pl.semaphore_signal/wait` say when it has landed.
-No NVLink multicast anywhere (no multimem, no multicast semaphores, nothing
-built on them): see DESIGN.md.
+Every transfer is between one pair of GPUs (see DESIGN.md's rule for the GPU
+machines).
 
 Ring collectives (`all_reduce`, `reduce_scatter`, `all_gather`). The flat
 per-device array is cut into N blocks of TPC tiles of T elements. CTA b of

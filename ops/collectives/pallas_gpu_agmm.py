@@ -7,7 +7,7 @@ shared memory is also stored (TMA) into the neighbour's receive buffer, so the
 transfer rides on loads the matmul does anyway and overlaps its math. A CTA
 signals the neighbour once its stores for the step are complete; step s+1
 starts when all CTAs of the sender have signalled (a global semaphore, which
-the runtime zeroes before every call). No NVLink multicast.
+the runtime zeroes before every call). Peer-to-peer transfers only.
 """
 from __future__ import annotations
 
