@@ -12,7 +12,6 @@ Measured in one run on the same state (f32 leaves totalling --gib, or with
   steps_per_s_{plain,ckpt} a donated jitted step, without / with a save every --every steps
 Prints one JSON object; the goals are async/sync <= 0.10 and ckpt/plain >= 0.95.
 """
-import json
 import statistics
 import tempfile
 import time
@@ -23,6 +22,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from pathways_lite.checkpoint import Checkpointer, SavePolicy
+from pathways_lite.metrics import emit_json
 
 flags.DEFINE_float("gib", 0.25, "state size in GiB (f32)")
 flags.DEFINE_integer("leaves", 64, "number of arrays in the state")
@@ -146,11 +146,7 @@ def main(_):
       "goals": {"async_over_sync<=0.10": async_s / sync_s <= 0.10,
                 "ckpt_over_plain>=0.95": with_ck / plain >= 0.95},
   }
-  text = json.dumps(result, indent=1)
-  print(text)
-  if FLAGS.out:
-    with open(FLAGS.out, "w") as f:
-      f.write(text)
+  emit_json(result, FLAGS.out)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ Measured in one run (medians; times in microseconds or seconds as named):
 Prints one JSON object (and writes it to --out).
 """
 import functools
-import json
 import os
 import signal
 import statistics
@@ -40,6 +39,7 @@ import numpy as np
 import ray
 
 from pathways_lite.islands import make_islands
+from pathways_lite.metrics import emit_json
 from pathways_lite.ray_islands import IslandLost, RayIsland, RayRuntime
 from pathways_lite.runtime import Runtime
 
@@ -254,11 +254,7 @@ def main(argv):
   ray.shutdown()
   res["load_avg_1m_at_end"] = os.getloadavg()[0]
   res["wall_s"] = time.time() - t_start
-  text = json.dumps(res, indent=2)
-  print(text)
-  if FLAGS.out:
-    with open(FLAGS.out, "w") as f:
-      f.write(text + "\n")
+  emit_json(res, FLAGS.out)
 
 
 if __name__ == "__main__":

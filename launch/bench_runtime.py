@@ -27,7 +27,6 @@ Times are per op, median (and min) over --repeats interleaved trials.
 Ratios are runtime / raw (1.0 = no overhead).
 """
 import functools
-import json
 import os
 import statistics
 import sys
@@ -381,11 +380,8 @@ def main(argv):
         "virtual_simulation_events_per_s": out["virtual"]["simulation_events_per_s"],
     }
     out["wall_s"] = time.perf_counter() - t0
-    text = json.dumps(out, indent=1)
-    print(text)
-    if FLAGS.out:
-        with open(FLAGS.out, "w") as f:
-            f.write(text)
+    from pathways_lite.metrics import emit_json
+    emit_json(out, FLAGS.out)
 
 
 if __name__ == "__main__":

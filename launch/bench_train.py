@@ -8,7 +8,6 @@ after `--warmup` steps, for each implementation, and prints one JSON object.
 An implementation that fails (e.g. cudnn on CPU) is reported with its error.
 """
 import dataclasses
-import json
 import time
 
 from absl import app, flags
@@ -20,6 +19,7 @@ import numpy as np
 from models import utils as model_utils
 from pathways_lite import configuration
 from pathways_lite import train as train_lib
+from pathways_lite.metrics import emit_json
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file with get_config().", lock_config=True)
@@ -78,11 +78,7 @@ def main(argv):
       "ratio_cudnn_over_xla": (tps["cudnn"] / tps["xla"]
                                if tps.get("cudnn") and tps.get("xla") else None),
   }
-  text = json.dumps(out, indent=2)
-  print(text)
-  if _OUT.value:
-    with open(_OUT.value, "w") as fh:
-      fh.write(text + "\n")
+  emit_json(out, _OUT.value)
 
 
 if __name__ == "__main__":

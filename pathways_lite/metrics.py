@@ -97,3 +97,13 @@ def truncate_after(workdir: str, step: int) -> int:
     fh.writelines(kept)
   os.replace(tmp, path)
   return dropped
+
+
+def emit_json(result: dict, path: str | None = None) -> str:
+  """Prints a benchmark's result as JSON and, when `path` is given, writes it there too."""
+  text = json.dumps(result, indent=1)
+  print(text)
+  if path:
+    with open(path, "w") as fh:
+      fh.write(text + "\n")
+  return text
