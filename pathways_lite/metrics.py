@@ -72,31 +72,42 @@ def read_metrics(workdir_or_file: str) -> list[dict]:
     return [json.loads(line) for line in fh if line.strip()]
 
 
+def _rewrite(workdir: str, select) -> int:
+  """Atomically replaces metrics.jsonl by select(lines); returns how many lines went."""
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return 0
+  with open(path) as fh:
+    lines = [ln if ln.endswith("\n") else ln + "\n" for ln in fh]
+  kept = select(lines)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as fh:
+    fh.writelines(kept)
+  os.replace(tmp, path)
+  return len(lines) - len(kept)
+
+
 def truncate_after(workdir: str, step: int) -> int:
   """Drops records past `step` (written after the checkpoint a run resumes from).
 
   Returns how many records were dropped; a torn last line (killed mid-write) goes too.
   """
-  path = os.path.join(workdir, METRICS_FILE)
-  if not os.path.exists(path):
-    return 0
-  kept, dropped = [], 0
-  with open(path) as fh:
-    for line in fh:
+  def select(lines):
+    kept = []
+    for line in lines:
       try:
         record = json.loads(line)
       except json.JSONDecodeError:
-        dropped += 1
         continue
       if record["step"] <= step:
-        kept.append(line if line.endswith("\n") else line + "\n")
-      else:
-        dropped += 1
-  tmp = path + ".tmp"
-  with open(tmp, "w") as fh:
-    fh.writelines(kept)
-  os.replace(tmp, path)
-  return dropped
+        kept.append(line)
+    return kept
+  return _rewrite(workdir, select)
+
+
+def truncate_to(workdir: str, n: int) -> int:
+  """Keeps the first n records (those written before the checkpoint a run resumes from)."""
+  return _rewrite(workdir, lambda lines: lines[:n])
 
 
 def emit_json(result: dict, path: str | None = None) -> str:

@@ -33,6 +33,7 @@ from pathways_lite import data as data_lib
 from pathways_lite.clock import VirtualClock
 from pathways_lite.futures import FINISHED, MISSING, Future
 from pathways_lite.islands import Island, make_islands
+from pathways_lite import metrics as metrics_lib
 from pathways_lite.metrics import MetricsWriter
 from pathways_lite.network import Link, LinkModel
 from pathways_lite.outer import rules
@@ -283,7 +284,7 @@ class Run:
     self.records = meta["records"]
     if self.writer is not None:
       self.writer.close()
-      truncate_records(self.workdir, self.records)
+      metrics_lib.truncate_to(self.workdir, self.records)
       self.writer = MetricsWriter(self.workdir, append=True)
     arrays = _place(self.rt, arrays, like, meta.get("futures", {}))
     self.state = {"arrays": arrays, "meta": meta}
@@ -326,20 +327,6 @@ class Preempted(Exception):
   def __init__(self, step: int):
     super().__init__(f"preempted at step {step}")
     self.step = step
-
-
-def truncate_records(workdir: str, n: int) -> None:
-  """Keeps the first n records of workdir's metrics.jsonl (those a checkpoint had written)."""
-  from pathways_lite.metrics import METRICS_FILE
-  path = os.path.join(workdir, METRICS_FILE)
-  if not os.path.exists(path):
-    return
-  with open(path) as fh:
-    lines = [ln if ln.endswith("\n") else ln + "\n" for ln in fh][:n]
-  tmp = path + ".tmp"
-  with open(tmp, "w") as fh:
-    fh.writelines(lines)
-  os.replace(tmp, path)
 
 
 def _is_future(x) -> bool:
