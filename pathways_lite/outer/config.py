@@ -21,6 +21,7 @@ ASYNC_OUTER = ("naive", "dn")
 SHARD_SAMPLING = ("own", "least_progress")
 CLOCKS = ("virtual", "real")
 ISLANDS = ("virtual", "devices")
+COLLECTIVES = ("server", "xla", "pallas")  # ddp's gradient exchange (pathways_lite/outer/ddp_collective.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +64,9 @@ class OuterConfig:
   outer_island: int = 0            # the island that runs the outer optimizer
   link_bandwidth_gbps: float = 0.0  # between islands; 0 = infinite
   link_latency_s: float = 0.0
+  # ddp only: "server" sends every gradient to the server island (transfers); "xla" / "pallas"
+  # all-reduce them across the worker islands in one gang computation (ops.collectives)
+  collectives: str = "server"
 
   # ---- construction ----------------------------------------------------------------
   @classmethod
@@ -138,6 +142,16 @@ class OuterConfig:
     _int("outer_island", self.outer_island, 0, self.num_workers - 1)
     _num("link_bandwidth_gbps", self.link_bandwidth_gbps, 0.0)
     _num("link_latency_s", self.link_latency_s, 0.0)
+    _choice("collectives", self.collectives, COLLECTIVES)
+    if self.collectives != "server":
+      if self.algorithm != "ddp":
+        raise ValueError(f"config field 'outer.collectives'={self.collectives!r} is supported by "
+                         f"outer.algorithm='ddp' only, not {self.algorithm!r}; allowed here: "
+                         "['server']")
+      if self.islands != "devices":
+        raise ValueError(f"config field 'outer.collectives'={self.collectives!r} all-reduces across "
+                         "worker islands with distinct devices: set outer.islands='devices' "
+                         f"(got {self.islands!r}), or use outer.collectives='server'")
     return self
 
 

@@ -7,6 +7,8 @@ M*B rows), applies the inner optimizer once and sends the params back. So M
 workers with batch B train like one worker with batch M*B, at M times the
 communication of H-step DiLoCo per step. Non-finite gradients are rejected
 and logged like pseudo-gradients (the step uses the finite ones).
+This is `outer.collectives="server"`; "xla" / "pallas" all-reduce the
+gradients across the worker islands instead (ddp_collective.py).
 """
 from __future__ import annotations
 
@@ -34,6 +36,9 @@ def make_ddp_update(inner):
 
 
 def train(run: Run) -> dict:
+  if run.ocfg.collectives != "server":  # all-reduce across the worker islands: ddp_collective.py
+    from pathways_lite.outer import ddp_collective
+    return ddp_collective.train(run)
   rt, inner, ocfg, M = run.rt, run.inner, run.ocfg, run.M
   update = make_ddp_update(inner)
   init = inner.init_state(run.seed)
