@@ -17,9 +17,13 @@ Islands: 2 devices or more -> two islands of one device each; one device
   utilization  chains of --util_ops calls of a loop of k matmuls (--matmul_dim)
            on each island, submitted alternately from the controller, for
            k = 1, 2, 4, ...: utilization = fused wall time (one jitted loop of
-           the same ops per island, no per-op dispatch) / runtime wall time,
-           per island; reports the smallest op length with both >= 95% there
-           and at the next length (a confirmation against timing noise).
+           the same ops per island, no per-op dispatch, each island's loop
+           dispatched from its own thread) / runtime wall time, per island;
+           reports the smallest op length with both >= 95% there and at the
+           next length (a confirmation against timing noise). Each row also
+           gives submit_ms (controller time to enqueue all the calls: about
+           the op time x calls when dispatch blocks) and the islands whose
+           calls the runtime moved to dispatch threads (``offloaded``).
   virtual  events/s under the virtual clock: chained trivial calls across the
            islands (calls + transfers are events), and the simulation's own
            cost per event (minus raw jitted dispatch of the same calls).
@@ -30,6 +34,7 @@ import functools
 import os
 import statistics
 import sys
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -214,12 +219,21 @@ def bench_utilization(islands, dim, max_loop, n_ops, budget_s, repeats):
             fused = jax.jit(functools.partial(matmul_loop, k * n_ops))
 
             def run_fused():
+                # each island's fused loop is dispatched from its own thread: a dispatch that
+                # blocks (GPU: a loop of small kernels is launched by the calling thread) must
+                # not serialize the baseline's islands
                 t0 = time.perf_counter()
-                outs = [fused(wi, xi) for wi, xi in zip(w, x)]
-                ends = []
-                for o in outs:
-                    o.block_until_ready()
-                    ends.append(time.perf_counter() - t0)
+                ends = [0.0] * len(islands)
+
+                def one(j):
+                    fused(w[j], x[j]).block_until_ready()
+                    ends[j] = time.perf_counter() - t0
+
+                threads = [threading.Thread(target=one, args=(j,)) for j in range(len(islands))]
+                for th in threads:
+                    th.start()
+                for th in threads:
+                    th.join()
                 return ends
 
             def run_runtime():
@@ -227,11 +241,13 @@ def bench_utilization(islands, dim, max_loop, n_ops, budget_s, repeats):
                 last = list(x)
                 for _ in range(n_ops):
                     last = [rt.call(op, wi, li, island=i.name) for wi, li, i in zip(w, last, islands)]
+                submit_s.append(time.perf_counter() - t0)
                 ends = {}
                 for f in as_completed(last):
                     ends[f.island] = time.perf_counter() - t0
                 return [ends[i.name] for i in islands]
 
+            submit_s = []
             run_fused(), run_runtime()  # compile
             fused_t, ours_t = [], []
             for _ in range(max(3, repeats // 2)):
@@ -241,7 +257,10 @@ def bench_utilization(islands, dim, max_loop, n_ops, budget_s, repeats):
             o_med = [statistics.median(t[j] for t in ours_t) for j in range(len(islands))]
             util = [min(1.0, a / b) for a, b in zip(f_med, o_med)]
             op_ms = 1e3 * max(f_med) / n_ops / (1 if islands[0].device_set != islands[1].device_set else 2)
-            row = {"loop": k, "op_ms": op_ms, "utilization": util}
+            row = {"loop": k, "op_ms": op_ms, "utilization": util,
+                   "submit_ms": 1e3 * statistics.median(submit_s[1:]),
+                   "offloaded": sorted(n for (f, n) in rt._policy.offloaded if f is op)
+                   if rt._policy is not None else []}
             rows.append(row)
             if min(util) >= 0.95:
                 if found is not None:       # confirmed by the next (longer) length too
