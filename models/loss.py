@@ -4,6 +4,13 @@ Letters: B batch, L sequence, V vocab, C chunk length.
 
 Targets equal to PAD_ID never count. A given mask_BxL is combined (AND) with
 that rule. The mean is over counted tokens (0.0 when none count).
+
+Which one the train step uses (pathways_lite/train.py): `cross_entropy`. The
+model's head already returns f32 logits, and with the byte vocabulary
+(V = 259) they are small: B16 x L2048 x 259 x 4 bytes = 34 MB (and as much
+for their gradient), under 1% of a 350M model's activations at that batch.
+`chunked_cross_entropy` saves memory only when the logits reaching it are
+16-bit and V is large (tens of thousands); it is kept for such vocabularies.
 """
 from __future__ import annotations
 
