@@ -22,6 +22,11 @@ RMS_NORM_EPS = 1e-6
 DTYPES = ("float32", "bfloat16")
 ATTENTION_IMPLS = ("xla", "cudnn", "pallas")
 REMAT_POLICIES = ("none", "full", "dots")
+# How the decoder blocks use the mesh's "tensor" axis: "gspmd" lets XLA partition the
+# sharded params (models/sharding.py); "xla" / "pallas" run each block under shard_map in
+# Megatron sequence-parallel style with ops.collectives of that implementation
+# (models/tensor_parallel.py).
+TP_COLLECTIVES = ("gspmd", "xla", "pallas")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +49,7 @@ class ModelConfig:
   attention_impl: str = "xla"
   remat: str = "none"
   init_std: float = 0.02
+  tp_collectives: str = "gspmd"
 
   def __post_init__(self):
     self.validate()
@@ -111,11 +117,16 @@ class ModelConfig:
       _check_choice(name, getattr(self, name), DTYPES)
     _check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
     _check_choice("remat", self.remat, REMAT_POLICIES)
+    _check_choice("tp_collectives", self.tp_collectives, TP_COLLECTIVES)
     if not isinstance(self.tie_embeddings, bool):
       raise ValueError(f"tie_embeddings must be a bool, got {self.tie_embeddings!r}")
     _check_float("rope_theta", self.rope_theta, lo=0.0, lo_open=True)
     _check_float("init_std", self.init_std, lo=0.0, lo_open=True)
     _check_float("dropout_rate", self.dropout_rate, lo=0.0, hi=1.0)
+    if self.tp_collectives != "gspmd" and self.dropout_rate > 0:
+      raise ValueError(
+          f"tp_collectives={self.tp_collectives!r} runs the blocks under shard_map without "
+          f"dropout; got dropout_rate={self.dropout_rate} (allowed: 0.0, or tp_collectives='gspmd')")
     return self
 
 

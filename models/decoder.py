@@ -14,6 +14,11 @@ Param tree (params stay in cfg.param_dtype; matmuls run in cfg.compute_dtype):
   final_norm/scale                        [D]
   lm_head/kernel                          [D, V]   (only when not tie_embeddings)
 
+cfg.tp_collectives "xla" / "pallas": each Block runs in Megatron sequence-parallel
+style under shard_map over the mesh's "tensor" axis (models/tensor_parallel.py),
+with ops.collectives of that implementation; call the model inside
+`jax.set_mesh(mesh)`. Same params and math as "gspmd" (the default).
+
 Init: normal(init_std) everywhere except the residual-branch output projections
 (attn/o, mlp/down), which use init_std / sqrt(2 * num_layers) (GPT-2 style);
 norm scales start at 1.
@@ -100,12 +105,25 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, deterministic):
     cfg = self.cfg
+    if cfg.tp_collectives != "gspmd" and not self.is_initializing():
+      return self._sequence_parallel(x_BxLxD, positions_BxL, segment_ids_BxL)
     drop = (lambda y: nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic)) \
         if cfg.dropout_rate > 0 else (lambda y: y)
     h_BxLxD = _norm(cfg, "attn_norm")(x_BxLxD)
     x_BxLxD = x_BxLxD + drop(Attention(cfg, name="attn")(h_BxLxD, positions_BxL, segment_ids_BxL))
     h_BxLxD = _norm(cfg, "mlp_norm")(x_BxLxD)
     return x_BxLxD + drop(Mlp(cfg, name="mlp")(h_BxLxD))
+
+  def _sequence_parallel(self, x_BxLxD, positions_BxL, segment_ids_BxL):
+    """The same block in Megatron sequence-parallel style over the mesh's "tensor" axis
+    (models/tensor_parallel.py; shard_map in models/sharding.py). Init takes the path above,
+    so both paths have one param tree."""
+    import functools
+    from models import sharding, tensor_parallel
+    cfg = self.cfg
+    fn = functools.partial(tensor_parallel.block, cfg, implementation=cfg.tp_collectives)
+    return sharding.sequence_parallel(fn, cfg, self.variables["params"], x_BxLxD,
+                                      positions_BxL, segment_ids_BxL)
 
 
 class LMHead(nn.Module):

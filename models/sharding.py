@@ -107,3 +107,62 @@ def shard_params(params, mesh: Mesh, cfg: ModelConfig | None = None):
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, batch_partition_spec())
+
+
+# ---- sequence-parallel blocks (ModelConfig.tp_collectives = "xla" | "pallas") ----------
+
+# Inside the block's shard_map: the residual stream [B, L, D] is split over tokens on
+# "tensor" (and batch on data x fsdp); each param is the local shard of its "tensor" dim
+# (fsdp shards are gathered at the shard_map boundary).
+_SP_RULES = {
+    ("q", "kernel"): (None, "tensor", None), ("k", "kernel"): (None, "tensor", None),
+    ("v", "kernel"): (None, "tensor", None), ("o", "kernel"): ("tensor", None, None),
+    ("gate", "kernel"): (None, "tensor"), ("up", "kernel"): (None, "tensor"),
+    ("down", "kernel"): ("tensor", None), ("*", "scale"): (None,),
+}
+
+
+def _sp_spec(path, leaf) -> P:
+  names = [_key_name(k) for k in path]
+  dims = _SP_RULES.get(tuple(names[-2:]), _SP_RULES.get(("*", names[-1])))
+  if dims is None or len(dims) != np.ndim(leaf):
+    raise ValueError(f"no sequence-parallel rule for block param {'/'.join(names)} with shape "
+                     f"{np.shape(leaf)}; known: {sorted(set(p for p, _ in _SP_RULES))}")
+  return P(*dims)
+
+
+def _context_mesh(what: str):
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty or "tensor" not in mesh.axis_names:
+    raise ValueError(
+        f"{what} runs the decoder blocks under shard_map over the mesh axis 'tensor': call the "
+        "model inside `with jax.set_mesh(mesh):` with a mesh that has a 'tensor' axis "
+        "(models.sharding.make_mesh), or use tp_collectives='gspmd'")
+  return mesh
+
+
+def sequence_parallel(block_fn, cfg: ModelConfig, block_params, x_BxLxD, positions_BxL,
+                      segment_ids_BxL):
+  """block_fn(params, x_local, positions, segment_ids) under shard_map on the context mesh.
+
+  Checks that "tensor" divides the sequence, heads, kv heads and MLP width, and that the
+  batch axes divide the batch (ValueError naming the sizes)."""
+  what = f"model.tp_collectives={cfg.tp_collectives!r}"
+  mesh = _context_mesh(what)
+  T = mesh.shape["tensor"]
+  batch_axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+  dp = int(np.prod([mesh.shape[a] for a in batch_axes])) if batch_axes else 1
+  B, L, _ = x_BxLxD.shape
+  for name, size, by in (("sequence length", L, T), ("num_heads", cfg.num_heads, T),
+                         ("num_kv_heads", cfg.num_kv_heads, T),
+                         ("d_ff", cfg.resolved_d_ff, T), ("batch", B, dp)):
+    if size % by:
+      axes = "'tensor'" if by is T and name != "batch" else f"batch axes {batch_axes}"
+      raise ValueError(f"{what}: {name}={size} must be divisible by the mesh's {axes} size {by}")
+  bspec = batch_axes or None
+  act = P(bspec, "tensor", None)
+  pspecs = jax.tree_util.tree_map_with_path(lambda path, leaf: _sp_spec(path, leaf), block_params)
+  seq = P(bspec, None)
+  in_specs = (pspecs, act, seq, None if segment_ids_BxL is None else seq)
+  fn = jax.shard_map(block_fn, mesh=mesh, in_specs=in_specs, out_specs=act, check_vma=False)
+  return fn(block_params, x_BxLxD, positions_BxL, segment_ids_BxL)
