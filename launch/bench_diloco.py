@@ -1,6 +1,7 @@
 """DiLoCo throughput through the outer-loop driver: 1 island vs 2 islands, in one run.
 
-  # two GPUs (one island each), the 125M model at seq 2048, H=100
+  # two GPUs (one island each), the 125M model at seq 2048, H=100: ~3-4 minutes on 2 H200s
+  # (6 outer steps of 100 x 16 x 2048 tokens per worker count, plus compiles)
   python launch/bench_diloco.py --config=configs/lm_125m.py --config.data.seq_len=2048 \
       --config.model.max_seq_len=2048 --workers=1,2 --inner_steps=100 --outer_steps=3 \
       --out=runs/bench_diloco.json
@@ -17,17 +18,21 @@ and the end, for --warmup_outer + --outer_steps outer steps of
 the product path. Throughput is read from the runtime's trace (wall-clock
 spans): tokens of the timed outer steps (M * H * batch * seq_len each) over
 the time from the end of the last warm-up outer update (its compiles done) to
-the end of the last one. Two warm-up outer steps by default: the outer
+the end of the last one. Three warm-up outer steps by default: the outer
 update compiles again at outer step 1 (its inputs at step 0 come from the
-initial transfers, with other shardings than the update's own outputs).
-Also reported: each worker's mean inner-phase time
-and the share of an outer step spent outside the phases (the sync:
-transfers of params and pseudo-gradients, the outer update, dispatch gaps).
+initial transfers, with other shardings than the update's own outputs), and
+the runtime moves a call whose dispatch blocks (on GPU, the inner phase's
+loop) to its island's dispatch thread only after 3 such dispatches
+(pathways_lite/dispatch.py), so outer steps 0-2 may run the islands in turn.
+Also reported: each worker's mean inner-phase time and the share of an outer
+step spent outside the phases (the sync: transfers of params and
+pseudo-gradients, the outer update, dispatch gaps).
 
 ratio = tokens/s(M=2) / (2 * tokens/s(M=1)): 1.0 = two islands scale
 perfectly (goal >= 0.97 at H=100).
 """
 import copy
+import json
 import os
 import statistics
 import sys
@@ -42,7 +47,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKERS = flags.DEFINE_string("workers", "1,2", "Comma-separated worker (island) counts.")
 _INNER = flags.DEFINE_integer("inner_steps", 100, "H: inner steps per outer step.")
 _OUTER = flags.DEFINE_integer("outer_steps", 3, "Timed outer steps per worker count.")
-_WARMUP = flags.DEFINE_integer("warmup_outer", 2, "Untimed outer steps first (>= 1: compiles).")
+_WARMUP = flags.DEFINE_integer("warmup_outer", 3, "Untimed outer steps first (>= 1: compiles).")
 _OUT = flags.DEFINE_string("out", None, "Also write the JSON result to this file.")
 flags.mark_flags_as_required(["config"])
 
@@ -122,7 +127,14 @@ def main(argv):
   if max(workers) > len(devices):
     raise app.UsageError(f"--workers={_WORKERS.value} needs {max(workers)} devices (one island "
                          f"each); jax sees {len(devices)}")
-  results = {}
+  out = {"device_kind": devices[0].device_kind, "platform": devices[0].platform,
+         "num_devices": len(devices), "jax_version": jax.__version__, "config": config.name,
+         "model": model_cfg.to_dict(),
+         "param_count_matmul": model_utils.matmul_param_count(model_cfg),
+         "batch_size": config.data.batch_size, "seq_len": config.data.seq_len,
+         "inner_steps": _INNER.value, "outer_steps": _OUTER.value,
+         "warmup_outer": _WARMUP.value, "results": {}}
+  results = out["results"]
   for M in workers:
     results[str(M)] = r = bench_workers(config, M, _INNER.value, _OUTER.value, _WARMUP.value,
                                         devices)
@@ -130,13 +142,9 @@ def main(argv):
                                           config.data.seq_len, devices[0])
     print(f"M={M}: {r['tokens_per_s']:,.0f} tokens/s, outer step "
           f"{statistics.mean(r['outer_step_s']):.3f} s, sync share {r['sync_share']:.3f}", flush=True)
-  out = {"device_kind": devices[0].device_kind, "platform": devices[0].platform,
-         "num_devices": len(devices), "jax_version": jax.__version__, "config": config.name,
-         "model": model_cfg.to_dict(),
-         "param_count_matmul": model_utils.matmul_param_count(model_cfg),
-         "batch_size": config.data.batch_size, "seq_len": config.data.seq_len,
-         "inner_steps": _INNER.value, "outer_steps": _OUTER.value,
-         "warmup_outer": _WARMUP.value, "results": results}
+    if _OUT.value:  # partial result: a run killed from outside keeps the worker counts it did
+      with open(_OUT.value, "w") as fh:
+        json.dump(out | {"partial": True}, fh, indent=1)
   if "1" in results and "2" in results:
     out["ratio_two_over_2x_one"] = results["2"]["tokens_per_s"] / (2 * results["1"]["tokens_per_s"])
   emit_json(out, _OUT.value)

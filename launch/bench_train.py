@@ -16,7 +16,9 @@ with its error; an out-of-memory one (`"oom": true`) also skips the larger
 batch sizes of its (impl, remat); any other failure skips the rest of its
 impl. `--max_seconds` stops the sweep when the
 next trial would not fit (estimated by the last one) and lists the trials it
-skipped. The defaults of --batch_sizes / --remats are the config's values.
+skipped; --out is rewritten after every trial (with "partial": true) so a run
+killed from outside keeps what it measured. The defaults of --batch_sizes /
+--remats are the config's values.
 
 --compare_runtime: the first impl/remat/batch size only. (a) plain:
 `jax.jit(step, donate_argnums=0)` in a Python for loop; (b) runtime: one
@@ -37,6 +39,7 @@ does).
 """
 import dataclasses
 import gc
+import json
 import os
 import statistics
 import sys
@@ -138,8 +141,10 @@ def bench_trial(config, cfg, B: int, L: int, steps: int, warmup: int) -> dict:
 
 
 def sweep(config, model_cfg, impls, remats, batch_sizes, steps, warmup, max_seconds,
-          trial=bench_trial) -> dict:
-  """Runs `trial(config, cfg, B, L, steps, warmup) -> dict` over the grid (module docstring)."""
+          trial=bench_trial, on_trial=None) -> dict:
+  """Runs `trial(config, cfg, B, L, steps, warmup) -> dict` over the grid (module docstring).
+
+  on_trial(trials) is called after each trial (main saves the partial JSON with it)."""
   L = config.data.seq_len
   t_start, last_s = time.perf_counter(), 0.0
   trials, skipped, oom_at, failed = [], [], {}, {}
@@ -174,6 +179,8 @@ def sweep(config, model_cfg, impls, remats, batch_sizes, steps, warmup, max_seco
         gc.collect()
         last_s = time.perf_counter() - t0
         trials.append(point | result | {"trial_s": last_s})
+        if on_trial is not None:
+          on_trial(trials)
         print(f"{impl:6s} remat={remat:4s} B={B:3d}: " + (
             f"{result['tokens_per_s']:,.0f} tok/s" if "error" not in result else result["error"]),
             flush=True)
@@ -275,8 +282,13 @@ def main(argv):
   else:
     out.update(impls=impls, remats=remats, batch_sizes=batch_sizes,
                max_seconds=_MAX_SECONDS.value)
+    def save_partial(trials):  # a run killed from outside still leaves what it measured
+      if _OUT.value:
+        with open(_OUT.value, "w") as fh:
+          json.dump(out | {"trials": trials, "partial": True}, fh, indent=1)
+
     out.update(sweep(config, model_cfg, impls, remats, batch_sizes, _STEPS.value, _WARMUP.value,
-                     _MAX_SECONDS.value))
+                     _MAX_SECONDS.value, on_trial=save_partial))
   emit_json(out, _OUT.value)
 
 
