@@ -282,6 +282,7 @@ def main(argv):
   else:
     out.update(impls=impls, remats=remats, batch_sizes=batch_sizes,
                max_seconds=_MAX_SECONDS.value)
+
     def save_partial(trials):  # a run killed from outside still leaves what it measured
       if _OUT.value:
         with open(_OUT.value, "w") as fh:
