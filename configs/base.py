@@ -50,6 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.runtime.ray_address = ""         # "" starts a local Ray instance; "HOST:PORT" joins a cluster
   c.runtime.island_num_cpus = 1.0    # Ray CPUs per island actor
   c.runtime.island_num_gpus = 0.0    # GPUs per island actor (0: CPU islands)
+  c.runtime.server_num_gpus = -1.0   # GPUs of the outer loops' server island; -1: as the others
   c.runtime.island_devices = 1       # JAX devices per island
   c.runtime.start_timeout_s = 120.0  # islands not started by then: IslandStartError
   c.runtime.replace_lost = True      # a lost island is replaced and rejoins at the next outer step

@@ -12,6 +12,10 @@ runtime.ray_address        "" starts a local Ray instance; "HOST:PORT", "ray://H
                            "auto" joins a running cluster (checked first: no hang on a bad one)
 runtime.island_num_cpus    Ray CPUs each island actor reserves
 runtime.island_num_gpus    GPUs per island actor (0: CPU islands)
+runtime.server_num_gpus    GPUs of the outer loops' ``server`` island (the outer optimizer);
+                           -1 (default): island_num_gpus. 0 puts it on a CPU actor, so M
+                           workers own M GPUs, one each (the local backend instead shares
+                           a worker's device)
 runtime.island_devices     JAX devices per island (CPU islands get as many fake host devices)
 runtime.start_timeout_s    islands not started by then raise IslandStartError (e.g. the
                            cluster lacks the resources)
@@ -63,6 +67,10 @@ def runtime_config(runtime_cfg) -> dict:
         if not ok:
             raise ValueError(f"config field 'runtime.{f}' must be a finite number "
                              f"{'> 0' if lo_open else '>= 0'}, got {v!r}")
+    v = d["server_num_gpus"]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v == -1 or 0 <= v < math.inf):
+        raise ValueError(f"config field 'runtime.server_num_gpus' must be -1 (as island_num_gpus) or "
+                         f"a finite number >= 0, got {v!r}")
     v = d["island_devices"]
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise ValueError(f"config field 'runtime.island_devices' must be an int >= 1, got {v!r}")
@@ -152,10 +160,22 @@ def make_runtime_from_config(runtime_cfg, islands, *, clock="real", links=None, 
     return make_runtime(backend, islands=islands, clock=clock, links=links, trace=trace, **d)
 
 
-def ray_like(runtime, *, num_cpus: float = 1.0, num_gpus: float = 0.0, **ray_kwargs):
+def island_specs(runtime, *, num_cpus: float = 1.0, num_gpus: float = 0.0,
+                 island_gpus: dict | None = None) -> list[RayIsland]:
+    """The RayIsland of each island of a local ``Runtime`` (``island_gpus`` overrides num_gpus)."""
+    island_gpus = island_gpus or {}
+    return [RayIsland(i.name, num_cpus=num_cpus, num_gpus=island_gpus.get(i.name, num_gpus),
+                      devices=len(i.devices), mesh_axes=tuple(i.mesh.axis_names),
+                      mesh_shape=tuple(i.mesh.devices.shape))
+            for i in runtime.islands]
+
+
+def ray_like(runtime, *, num_cpus: float = 1.0, num_gpus: float = 0.0,
+             island_gpus: dict | None = None, **ray_kwargs):
     """A RayRuntime with the islands (names, device counts, mesh axes), clock and links of a local
     ``Runtime``: how a loop that builds a local runtime (``outer.common.make_runtime``) runs on
-    Ray instead, unchanged. The local runtime stays usable; shut it down when done with it."""
+    Ray instead, unchanged. ``island_gpus`` {name: GPUs} overrides ``num_gpus`` per island.
+    The local runtime stays usable; shut it down when done with it."""
     from pathways_lite.clock import VirtualClock
     from pathways_lite.ray_runtime import RayRuntime
     clock = runtime.clock
@@ -164,9 +184,7 @@ def ray_like(runtime, *, num_cpus: float = 1.0, num_gpus: float = 0.0, **ray_kwa
     else:
         clock = "real"
     links = LinkModel(default=runtime.links.default, links=dict(runtime.links._links), symmetric=False)
-    specs = [RayIsland(i.name, num_cpus=num_cpus, num_gpus=num_gpus, devices=len(i.devices),
-                       mesh_axes=tuple(i.mesh.axis_names), mesh_shape=tuple(i.mesh.devices.shape))
-             for i in runtime.islands]
+    specs = island_specs(runtime, num_cpus=num_cpus, num_gpus=num_gpus, island_gpus=island_gpus)
     return RayRuntime(specs, clock=clock, links=links, trace=runtime.trace is not None, **ray_kwargs)
 
 
@@ -185,7 +203,8 @@ def from_local(runtime_cfg, local, **ray_kwargs):
     if d["island_devices"] != 1:
         raise ValueError("config field 'runtime.island_devices' is taken from the local islands' "
                          f"device counts when converting a local runtime; leave it 1, got {d['island_devices']!r}")
-    rt = ray_like(local, num_cpus=d["island_num_cpus"], num_gpus=d["island_num_gpus"],
+    server = {"server": d["server_num_gpus"]} if d["server_num_gpus"] >= 0 else {}
+    rt = ray_like(local, num_cpus=d["island_num_cpus"], num_gpus=d["island_num_gpus"], island_gpus=server,
                   address=d["ray_address"] or None, start_timeout_s=d["start_timeout_s"], **ray_kwargs)
     local.shutdown()
     return rt

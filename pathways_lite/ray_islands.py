@@ -86,6 +86,7 @@ RUNTIME_DEFAULTS = {
     "ray_address": "",        # "" starts a local Ray instance; "HOST:PORT" / "ray://..." / "auto" joins one
     "island_num_cpus": 1.0,   # Ray CPUs each island actor reserves
     "island_num_gpus": 0.0,   # GPUs per island actor (0: CPU islands)
+    "server_num_gpus": -1.0,  # GPUs of the outer loops' "server" island actor; -1: island_num_gpus
     "island_devices": 1,      # JAX devices per island (CPU islands get this many fake host devices)
     "start_timeout_s": 120.0,  # an island that has not started by then raises IslandStartError
     "replace_lost": True,     # outer loops: start a replacement for a lost island (joins next outer step)

@@ -100,3 +100,17 @@ def test_ray_island_validation():
     env = RayIsland("a", devices=4).actor_env(None)
     assert env == {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     assert "JAX_PLATFORMS" not in RayIsland("g", num_gpus=1).actor_env(None)
+
+
+def test_server_island_gpus_override(devices):
+    from pathways_lite.ray_backends import island_specs, runtime_config
+    local = Runtime(make_islands(3, devices=devices, names=["worker0", "worker1", "server"]))
+    specs = {s.name: s for s in island_specs(local, num_gpus=1.0, island_gpus={"server": 0.0})}
+    assert [specs[n].num_gpus for n in ("worker0", "worker1", "server")] == [1.0, 1.0, 0.0]
+    assert specs["server"].actor_env(None)["JAX_PLATFORMS"] == "cpu"  # the server is a CPU actor
+    assert "JAX_PLATFORMS" not in specs["worker0"].actor_env(None)
+    local.shutdown()
+    assert runtime_config({"backend": "ray"})["server_num_gpus"] == -1.0
+    for bad in (-0.5, float("inf"), "1", True):
+        with pytest.raises(ValueError, match="'runtime.server_num_gpus' must be -1"):
+            runtime_config({"backend": "ray", "server_num_gpus": bad})
