@@ -3,6 +3,8 @@
     export NCCL_NVLS_ENABLE=0
     python3 launch/bench_collectives.py --out=/tmp/coll.json        # 2+ GPUs
     python3 launch/bench_collectives.py --quick                     # CPU smoke
+    # DDP with collectives and the sequence-parallel block, 2 GPUs (~3 min):
+    python3 launch/bench_collectives.py --sections=ddp,tp --out=/tmp/ddp_tp.json
 
 Sections, each run in its own process with a time limit (a hung kernel costs
 its section only), results merged into one JSON object (stdout and --out):
@@ -19,6 +21,15 @@ its section only), results merged into one JSON object (stdout and --out):
              gradient-sized tree), gradient all-reduce per bucket inside the
              backward (ops.collectives.sync_grads, xla and pallas), and one
              all-reduce after the backward.
+  ddp        DDP with real collectives (outer.collectives): (a) the outer loop
+             end to end (shrunk base config, 2 workers on 2 devices, 3 steps)
+             with "server", "xla" and "pallas": max |param diff|; (b) one gang
+             step (pathways_lite/outer/ddp_collective.py) of a --ddp_dim model,
+             all-reduce inside the backward, "xla" vs "pallas": time and diff.
+  tp         a decoder block (models.decoder.Block, bf16) forward+backward on a
+             (data=1, tensor=N) mesh: tp_collectives "gspmd", "xla" and
+             "pallas" (sequence parallel, ops.collectives): times, max |diff|
+             of output and grads against "xla".
 A short table is printed last. Times are medians of per-call wall time over
 several trials of back-to-back asynchronously dispatched calls.
 """
@@ -39,7 +50,8 @@ flags.DEFINE_string("out", "", "also write the JSON here")
 flags.DEFINE_string("section", "", "run one section in this process (internal)")
 flags.DEFINE_list("sections", ["agmm", "allreduce", "step"], "sections to run")
 flags.DEFINE_integer("budget_s", 300, "wall-clock budget for all sections")
-flags.DEFINE_list("limits", ["agmm:170", "allreduce:150", "step:150"],
+flags.DEFINE_list("limits", ["agmm:170", "allreduce:150", "step:150", "ddp:130",
+                              "tp:100"],
                   "per-section time limits, name:seconds")
 flags.DEFINE_integer("agmm_size", 4096, "m = k = n per shard")
 flags.DEFINE_list("ar_mib", ["64", "256", "1024"], "all-reduce sizes, MiB/device")
@@ -51,6 +63,8 @@ flags.DEFINE_list("agmm_configs", [], "subset of the Pallas tilings to run")
 flags.DEFINE_list("ar_variants", ["tma:512:4", "tma:1024:4", "512:4"],
                   "[tma:]ctas:vec[:tile] (tma: TMA transport, else registers)")
 flags.DEFINE_bool("checks", True, "run the ring-kernel correctness checks")
+flags.DEFINE_integer("ddp_dim", 1024, "ddp section: model width of the timed step")
+flags.DEFINE_integer("tp_tokens", 2048, "tp section: sequence length (batch 4)")
 FLAGS = flags.FLAGS
 
 
@@ -346,8 +360,157 @@ def section_step(res):
         r[name + "_over_max"] = r[name + "_ms"] / ref
 
 
+def _tree_diff(a, b):
+  """max |a - b| over a pytree (f32), and the same relative to max |b|."""
+  jax = _jax()
+  import numpy as np
+  d = m = 0.0
+  for x, y in zip(jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b))):
+    x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
+    d, m = max(d, float(np.max(np.abs(x - y)))), max(m, float(np.max(np.abs(y))))
+  return {"max_abs_diff": d, "max_rel_diff": d / max(m, 1e-30)}
+
+
+def _small_config(steps, workers, mode):
+  from configs import base
+  c = base.get_config()
+  c.model.update(d_model=64, num_layers=2, num_heads=4, num_kv_heads=4, max_seq_len=64)
+  c.data.update(seq_len=64, batch_size=4)
+  c.train.update(steps=steps, warmup_steps=1, eval_every=0, eval_batches=1, log_every=1)
+  c.outer.update(algorithm="ddp", num_workers=workers, islands="devices", collectives=mode)
+  return c
+
+
+def section_ddp(res):
+  jax = _jax()
+  import numpy as np
+  import optax
+  from models.config import ModelConfig
+  from pathways_lite import train as train_lib
+  from pathways_lite.islands import Union, make_islands
+  from pathways_lite.outer import run_with_state
+  from pathways_lite.outer.common import resolve
+  from pathways_lite.outer.ddp_collective import initial_carry, make_ddp_step
+  from pathways_lite.outer.inner import Inner
+  n = 2 if len(jax.devices()) >= 2 else 1
+  res["workers"] = n
+  final = {}
+  e2e = res["end_to_end"] = {}
+  for mode in ("server", "xla", "pallas"):
+    try:
+      t0 = time.perf_counter()
+      summary, r = run_with_state(_small_config(3, n, mode), None)
+      final[mode] = jax.device_get(resolve(r.state["arrays"]["global"]["state"]).params)
+      e2e[mode] = {"wall_s": time.perf_counter() - t0, "val_loss": summary["final_val_loss"]}
+      if mode != "server":
+        reps = [f.result()[0].params for f in r.replicas]
+        e2e[mode]["replicas_max_abs_diff"] = max(_tree_diff(x, reps[0])["max_abs_diff"]
+                                                 for x in reps)
+        e2e[mode]["vs_server"] = _tree_diff(final[mode], final["server"])
+    except Exception as e:  # noqa: BLE001
+      e2e[mode] = {"error": _err(e)}
+      traceback.print_exc()
+    emit()
+  if "xla" in final and "pallas" in final:
+    e2e["pallas_vs_xla"] = _tree_diff(final["pallas"], final["xla"])
+    e2e["ok"] = e2e["pallas_vs_xla"]["max_abs_diff"] <= 1e-6
+  d = 128 if FLAGS.quick else FLAGS.ddp_dim
+  layers, seq, batch = (2, 32, 2) if FLAGS.quick else (2, 1024, 8)
+  cfg = ModelConfig(d_model=d, num_layers=layers, num_heads=max(1, d // 128),
+                    num_kv_heads=max(1, d // 128), max_seq_len=seq, compute_dtype="bfloat16")
+  opt = optax.adamw(1e-3)
+  inner = Inner(cfg, opt, optax.constant_schedule(1e-3), seq)
+  state = train_lib.init_train_state(cfg, opt, 0, seq)
+  nparams = sum(x.size for x in jax.tree.leaves(state.params))
+  res["timed_step"] = t = {"d_model": d, "layers": layers, "seq": seq, "batch_per_worker": batch,
+                           "params_M": nparams / 1e6, "grad_MiB_f32": nparams * 4 / 2**20}
+  islands = make_islands(n, devices=jax.devices()[:n], devices_per_island=1)
+  union = Union(islands)
+  rng = np.random.default_rng(0)
+  per = [(jax.device_put(initial_carry(state, n), i.replicated()),
+          jax.device_put(rng.integers(0, 256, (batch, seq + 1), dtype=np.int32),
+                         i.replicated())) for i in islands]
+  carry = jax.tree.map(lambda *xs: union.stack(xs), *[p[0] for p in per])
+  batches = union.stack([p[1] for p in per])
+  out = {}
+  for impl in ("xla", "pallas"):
+    try:
+      f = union.compile(make_ddp_step(inner, n, impl))
+      out[impl] = f(carry, batches)
+      t[impl + "_ms"] = timeit(f, carry, batches, trials=3)[0] * 1e3
+    except Exception as e:  # noqa: BLE001
+      t[impl + "_error"] = _err(e)
+      traceback.print_exc()
+    emit()
+  if len(out) == 2:
+    t["pallas_vs_xla_params"] = _tree_diff(out["pallas"][0].params, out["xla"][0].params)
+    t["ok"] = t["pallas_vs_xla_params"]["max_abs_diff"] <= 1e-6
+    t["pallas_over_xla"] = t["pallas_ms"] / t["xla_ms"]
+
+
+def section_tp(res):
+  jax = _jax()
+  import dataclasses
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+  from models.config import ModelConfig
+  from models.decoder import Block
+  from models.sharding import make_mesh, param_shardings
+  n = 2 if len(jax.devices()) >= 2 else 1
+  mesh = make_mesh(jax.devices(), tensor=n)
+  if FLAGS.quick:
+    cfg = ModelConfig(d_model=64, num_heads=4, num_kv_heads=4, max_seq_len=64)
+    b, seq = 2, 32
+  else:
+    cfg = ModelConfig(d_model=2048, num_heads=16, num_kv_heads=16, d_ff=5632, num_layers=1,
+                      max_seq_len=FLAGS.tp_tokens, param_dtype="bfloat16",
+                      compute_dtype="bfloat16")
+    b, seq = 4, FLAGS.tp_tokens
+  res.update(shards=n, batch=b, seq=seq, d_model=cfg.d_model, heads=cfg.num_heads,
+             d_ff=cfg.resolved_d_ff, dtype=cfg.compute_dtype)
+  dt = jnp.dtype(cfg.compute_dtype)
+  x = jax.random.normal(jax.random.key(0), (b, seq, cfg.d_model), jnp.float32).astype(dt)
+  pos = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (b, seq))
+  params = Block(cfg).init(jax.random.key(1), x, pos, None, True)["params"]
+  flops = 3 * 2 * b * seq * (4 * cfg.d_model**2 + 3 * cfg.d_model * cfg.resolved_d_ff)
+  res["matmul_tflop"] = flops / 1e12
+  act = NamedSharding(mesh, P(("data", "fsdp"), "tensor", None))
+  x = jax.device_put(x, act)
+  pos = jax.device_put(pos, NamedSharding(mesh, P(("data", "fsdp"), None)))
+  params = jax.device_put(params, param_shardings(params, mesh))
+  outs = {}
+  for impl in ("gspmd", "xla", "pallas"):
+    r = res[impl] = {}
+    try:
+      block = Block(dataclasses.replace(cfg, tp_collectives=impl))
+
+      def fwd_bwd(p, x, pos, block=block):
+        def loss(p, x):
+          y = block.apply({"params": p}, x, pos, None, True)
+          return jnp.sum(jnp.square(y.astype(jnp.float32))) / y.size, y
+        (_, y), g = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(p, x)
+        return y, g
+
+      with jax.set_mesh(mesh):
+        f = jax.jit(fwd_bwd)
+        outs[impl] = jax.device_get(f(params, x, pos))
+        ms = timeit(f, params, x, pos, trials=3)[0] * 1e3
+      r.update(fwd_bwd_ms=ms, tflops_per_device=flops / n / ms * 1e-9)
+    except Exception as e:  # noqa: BLE001
+      r["error"] = _err(e)
+      traceback.print_exc()
+    emit()
+  for impl in ("gspmd", "pallas"):
+    if impl in outs and "xla" in outs:
+      res[impl]["output_vs_xla"] = _tree_diff(outs[impl][0], outs["xla"][0])
+      res[impl]["grads_vs_xla"] = _tree_diff(outs[impl][1], outs["xla"][1])
+      res[impl]["ok"] = max(res[impl]["output_vs_xla"]["max_rel_diff"],
+                            res[impl]["grads_vs_xla"]["max_rel_diff"]) <= 3e-2
+
+
 SECTIONS = {"agmm": section_agmm, "allreduce": section_allreduce,
-            "step": section_step}
+            "step": section_step, "ddp": section_ddp, "tp": section_tp}
 
 
 # ------------------------------------------------------------ orchestration
@@ -392,6 +555,22 @@ def _table(results):
         f"({r.get('overlap_xla_over_max', float('nan')):.2f}x max, goal <= 1.1), "
         f"after-backward {r.get('allreduce_after_backward_xla_ms', float('nan')):.2f},"
         f" overlap_pallas {r.get('overlap_pallas_ms', float('nan')):.2f}")
+  dd = results.get("ddp", {})
+  for part in ("end_to_end", "timed_step"):
+    r = dd.get(part, {})
+    diff = r.get("pallas_vs_xla") or r.get("pallas_vs_xla_params") or {}
+    times = (f", xla {r['xla_ms']:.2f} ms, pallas {r['pallas_ms']:.2f} ms"
+             if "pallas_ms" in r and "xla_ms" in r else "")
+    if r:
+      rows.append(f"ddp {part}: pallas vs xla params max|diff| "
+                  f"{diff.get('max_abs_diff', float('nan')):.3g}{times}")
+  tp = results.get("tp", {})
+  if "xla" in tp:
+    rows.append("tp block fwd+bwd: " + ", ".join(
+        f"{k} {tp[k].get('fwd_bwd_ms', float('nan')):.2f} ms"
+        + (f" (grads rel diff vs xla {tp[k]['grads_vs_xla']['max_rel_diff']:.2g})"
+           if "grads_vs_xla" in tp[k] else "")
+        for k in ("gspmd", "xla", "pallas") if k in tp))
   return "\n".join(rows)
 
 

@@ -90,8 +90,7 @@ def make_collective_step(loss_fn, apply_fn, num_workers: int, implementation: st
       (_, _), local = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
       ok = rules.tree_is_finite(local)
       mine = jax.nn.one_hot(lax.axis_index(GANG_AXIS), M, dtype=jnp.float32)
-      flags = coll.all_reduce(jnp.where(ok, mine, 0.0), GANG_AXIS,
-                              implementation=implementation)
+      flags = lax.psum(jnp.where(ok, mine, 0.0), GANG_AXIS)  # M flags: no kernel needed
       clean = jax.tree.map(lambda x: jnp.where(ok, x, jnp.zeros_like(x)), local)
       total = coll.all_reduce_tree(clean, GANG_AXIS, bucket_bytes=bucket_bytes,
                                    implementation=implementation)
