@@ -9,9 +9,14 @@ A run's state is two parts:
 `Checkpointer.save` costs the training loop only the dispatch of an on-device
 snapshot (one jitted copy per device set): the device-to-host copy and the
 Orbax write run on a background thread, so the caller may donate `arrays` to
-its next step at once. One save is in flight at a time; a save requested while
-the previous one is still writing waits for it (that wait is counted in
-`blocking_s`, which launch/bench_checkpoint.py reports).
+its next step at once. One save is in flight at a time. When the policy makes
+a step due while the previous save is still being written, `if_busy` decides:
+"skip" (the default) skips that step's save and logs it, so the save cadence
+adapts to the write bandwidth instead of stalling training; "wait" saves it
+after waiting for the write (counted in `blocking_s`). Saves the caller asks for
+directly (the final one, the one after SIGTERM/SIGINT) are never skipped: they
+wait. launch/bench_checkpoint.py reports both policies against the disk's raw
+write bandwidth.
 
 Orbax writes each step into a temporary directory and renames it when complete,
 so a save killed mid-write never appears as a step. A step whose files are
@@ -51,6 +56,8 @@ class SavePolicy:
   async_save: write on a background thread (False: save() returns when written).
   compress: zstd-compress arrays (about 8% smaller for trained f32 weights, 2-3x slower
             writes here); off by default so a write finishes within the save interval.
+  if_busy: a due step while the previous save is still writing: "skip" it (logged) or
+           "wait" for the write, then save. The final and preemption saves always wait.
   """
   every_steps: int = 0
   every_secs: float = 0.0
@@ -58,8 +65,11 @@ class SavePolicy:
   keep_every: int = 0
   async_save: bool = True
   compress: bool = False
+  if_busy: str = "skip"
 
   def __post_init__(self):
+    if self.if_busy not in IF_BUSY:
+      raise ValueError(f"checkpoint.if_busy must be one of {list(IF_BUSY)}, got {self.if_busy!r}")
     for name in ("every_steps", "keep_every"):
       if getattr(self, name) < 0:
         raise ValueError(f"checkpoint.{name} must be >= 0, got {getattr(self, name)}")
@@ -77,6 +87,9 @@ class SavePolicy:
     if unknown:
       raise ValueError(f"unknown checkpoint field(s) {unknown}; allowed: {sorted(allowed)}")
     return cls(**{k: v for k, v in cfg.items() if k in allowed})
+
+
+IF_BUSY = ("skip", "wait")
 
 
 class CheckpointError(RuntimeError):
@@ -139,7 +152,12 @@ class Checkpointer:
     self._error: BaseException | None = None
     self._last_save_time = time.monotonic()
     self._last_saved_step: int | None = self.latest_step()
+    self._due: tuple[int, bool] | None = None     # due's last (step, answer)
+    self._asked: tuple[int, bool] | None = None   # should_save's last (step, answer)
+    self._prev_asked: int | None = self._last_saved_step
     self.blocking_s: list[float] = []  # time save() held the caller, per save
+    self.writes: list[dict] = []       # per finished save: step, bytes, write_s (background)
+    self.skipped: list[int] = []       # steps whose due save was skipped (if_busy="skip")
     self.preempted = False
     self._old_handlers: dict[int, Any] = {}
 
@@ -150,13 +168,41 @@ class Checkpointer:
 
   # -- policy --------------------------------------------------------------
 
-  def should_save(self, step: int) -> bool:
-    if step == self._last_saved_step:
-      return False
+  def writing(self) -> bool:
+    """Whether a background save is still being written."""
+    return self._thread is not None and self._thread.is_alive()
+
+  def due(self, step: int) -> bool:
+    """Whether the policy makes `step` a save point: a multiple of every_steps (or a step
+    that jumps over one since the previous call), or every_secs elapsed. The answer for a
+    step does not change when asked again. Loops flush the metrics they hold back at due
+    steps, whether the save is then skipped or not, so their records never depend on
+    the disk's speed."""
+    if self._due is not None and self._due[0] == step:
+      return self._due[1]
+    prev, self._prev_asked = self._prev_asked, step
     p = self.policy
-    if p.every_steps and step % p.every_steps == 0:
-      return True
-    return bool(p.every_secs) and time.monotonic() - self._last_save_time >= p.every_secs
+    due = step != self._last_saved_step and (
+        (bool(p.every_steps) and (step % p.every_steps == 0 or (
+            prev is not None and step // p.every_steps > prev // p.every_steps)))
+        or (bool(p.every_secs) and time.monotonic() - self._last_save_time >= p.every_secs))
+    self._due = (step, due)
+    return due
+
+  def should_save(self, step: int) -> bool:
+    """due(step), unless if_busy="skip" and the previous save is still being written: then
+    the step is skipped (logged). The answer for a step does not change when asked again."""
+    if self._asked is not None and self._asked[0] == step:
+      return self._asked[1]
+    save = self.due(step)
+    if save and self.policy.if_busy == "skip" and self.writing():
+      self.skipped.append(step)
+      log.warning("checkpoint: skipping the save of step %d: the save of step %s is still being "
+                  "written (checkpoint.if_busy='skip'; %d skipped so far)",
+                  step, self._last_saved_step, len(self.skipped))
+      save = False
+    self._asked = (step, save)
+    return save
 
   # -- save ----------------------------------------------------------------
 
@@ -179,6 +225,7 @@ class Checkpointer:
       self._raise_pending()
 
   def _write(self, step, snap, meta):
+    t0 = time.perf_counter()
     # Orbax's Python (serialization, asyncio) holds the GIL in slices of the
     # switch interval (5 ms by default): the training thread would wait that
     # long for each dispatch. A short interval while writing keeps it prompt.
@@ -191,6 +238,8 @@ class Checkpointer:
               arrays=ocp.args.PyTreeSave(snap), meta=ocp.args.JsonSave(meta)),
           force=True)
       self._manager.wait_until_finished()
+      self.writes.append({"step": step, "write_s": time.perf_counter() - t0, "bytes": sum(
+          int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(snap))})
     except BaseException as e:  # reported on the caller's thread at the next call
       self._error = e
     finally:

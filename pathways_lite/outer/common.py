@@ -111,7 +111,6 @@ class Run:
     self.config = config
     self.ckpt = checkpointer       # pathways_lite.checkpoint.Checkpointer or None (driver's)
     self.records = 0               # metrics records written (a checkpoint keeps this many)
-    self._prev_step = None         # the step of the previous commit (save policy)
     self.workdir = workdir
     self.ocfg = ocfg = OuterConfig.from_config(config.outer)
     self.model_cfg = configuration.model_config(config)
@@ -223,23 +222,24 @@ class Run:
     if self.ckpt is None:
       return
     preempted = self.ckpt.preempted
-    if self.save_due(step) and self.ckpt.last_saved_step != int(step):
+    if self.save_due(step) and self.ckpt.last_saved_step != int(step) and (
+        preempted or self.ckpt.should_save(int(step))):
       self.save()
-    self._prev_step = int(step)
     if preempted:
       raise Preempted(int(step))
 
   def save_due(self, step: int) -> bool:
-    """Whether commit(step) will save: loops flush metrics they hold back before committing.
+    """Whether `step` is a save point: loops flush the metrics they hold back before
+    committing it (so the checkpoint's record count covers them).
 
-    Besides the policy's own test, a step that jumps over a multiple of
-    checkpoint.every_steps (async loops advance by several steps) saves too."""
+    The policy's test (Checkpointer.due: a step that jumps over a multiple of
+    checkpoint.every_steps counts, as async loops advance by several steps), or a
+    preemption. commit() may still skip the save while the previous one is writing
+    (checkpoint.if_busy="skip"); the flush does not depend on that, so the metrics
+    records are the same whichever saves were skipped."""
     if self.ckpt is None:
       return False
-    step, every, prev = int(step), self.ckpt.policy.every_steps, self._prev_step
-    crossed = bool(every) and prev is not None and step // every > prev // every
-    return self.ckpt.preempted or self.ckpt.should_save(step) or (
-        crossed and step != self.ckpt.last_saved_step)
+    return self.ckpt.preempted or self.ckpt.due(int(step))
 
   def save(self) -> None:
     """Checkpoints the last commit (ckpt_state: values without waiting under the virtual clock)."""
@@ -287,8 +287,19 @@ class Run:
       self.writer = MetricsWriter(self.workdir, append=True)
     arrays = _place(self.rt, arrays, like, meta.get("futures", {}))
     self.state = {"arrays": arrays, "meta": meta}
-    self._prev_step = int(meta["step"])
     return arrays, meta
+
+  def resume_or_evaluate(self, like: dict, init_params):
+    """`resume(like)`; a fresh run (None) evaluates `init_params` as step 0 instead.
+
+    Loops then continue after the checkpoint's step. Each loop consumes the
+    metrics it holds back before a commit that saves (`save_due`), so the
+    checkpoint's record count covers every record up to its step.
+    """
+    resumed = self.resume(like)
+    if resumed is None:
+      self.evaluate(0, init_params)
+    return resumed
 
   def state_dict(self) -> dict:
     """{"arrays": pytree of arrays, "meta": JSON dict} of the last commit (host wait)."""
@@ -392,6 +403,7 @@ def _place(rt, arrays, like, futures: dict):
   def put(value, target, island):
     if isinstance(target, Future):
       target = target.result()
+    isl = rt.island(island) if island is not None else None
     if target is not None:   # the fresh state's structure (dataclasses, tuples) and shardings
       got = {_norm(p): v for p, v in jax.tree_util.tree_flatten_with_path(value)[0]}
       tl, tdef = jax.tree_util.tree_flatten_with_path(target)
@@ -399,7 +411,12 @@ def _place(rt, arrays, like, futures: dict):
       for p, t in tl:
         v = got.pop(_norm(p))
         if isinstance(t, jax.Array):
-          v = jax.device_put(jnp.asarray(v, dtype=t.dtype), t.sharding)
+          sh = t.sharding
+          # A Future's value lives on its island (the fresh one may be an uncommitted array
+          # on the default device, e.g. an optimizer's zeros).
+          if isl is not None and set(sh.device_set) != set(isl.devices):
+            sh = network.target_sharding(t, isl)
+          v = jax.device_put(jnp.asarray(v, dtype=t.dtype), sh)
         out.append(v)
       if got:
         raise ValueError(f"checkpoint leaves {sorted(got)[:5]} are not in the run's state")

@@ -45,9 +45,12 @@ def train(run: Run) -> dict:
   state = rt.transfer(init, island=SERVER, name="init state")
   params = rt.call(pick_params, state, island=SERVER, cost=0, name="params")
   keep = np.ones(M, bool)
-  run.evaluate(0, init.params)
+  resumed = run.resume_or_evaluate({"global": {"state": state}}, init.params)
+  if resumed is not None:                 # continue after the checkpoint's step
+    state = resumed[0]["global"]["state"]
+    params = rt.call(pick_params, state, island=SERVER, cost=0, name="params")
   pending = None
-  for step in range(1, run.total_steps + 1):
+  for step in range(resumed[1]["step"] + 1 if resumed else 1, run.total_steps + 1):
     grads, metrics = [], {}
     for w, isl in enumerate(run.workers):
       p = rt.transfer(params, island=isl, name=f"params->{isl}")
@@ -59,14 +62,15 @@ def train(run: Run) -> dict:
     state = rt.call(pick0, upd, island=SERVER, cost=0, name="state")
     params = rt.call(pick_params, state, island=SERVER, cost=0, name="params")
     info = rt.call(pick1, upd, island=SERVER, cost=0, name="info")
-    run.commit(step, {"global": {"state": state}})
     if pending is not None:
       _consume(run, *pending)
     pending = (step, metrics, info)
-    if run.eval_due(step):
+    if run.eval_due(step) or run.save_due(step):   # records up to `step` precede its checkpoint
       _consume(run, *pending)
       pending = None
-      run.evaluate(step, params)
+      if run.eval_due(step):
+        run.evaluate(step, params)
+    run.commit(step, {"global": {"state": state}})
   if pending is not None:
     _consume(run, *pending)
   return run.summary(params, inner_steps=1)

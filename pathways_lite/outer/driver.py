@@ -24,8 +24,8 @@ log = logging.getLogger(__name__)
 # algorithm -> module with train(run) -> summary
 MODULES = {"ddp": "ddp", "local_sgd": "diloco", "diloco": "diloco", "streaming": "streaming",
            "eager": "eager", "async_local_sgd": "async_local_sgd"}
-# algorithms whose loop resumes from a checkpoint (Run.resume); the others only start fresh
-RESUMABLE = ("local_sgd", "diloco", "async_local_sgd")
+# algorithms whose loop resumes from a checkpoint (Run.resume): all of them
+RESUMABLE = tuple(MODULES)
 MAX_TRACE_SPANS = 4000  # the PNG of a longer trace is unreadable (and slow): JSON only
 
 
@@ -65,11 +65,7 @@ def run_with_state(config, workdir: str | None, devices=None) -> tuple[dict, Run
   module = importlib.import_module(f"pathways_lite.outer.{MODULES[ocfg.algorithm]}")
   ckpt = None
   if workdir and config.checkpoint.enabled:
-    if ocfg.algorithm not in RESUMABLE:
-      log.warning("checkpoint.enabled: outer.algorithm=%r does not resume from checkpoints yet "
-                  "(only %s); running without checkpoints", ocfg.algorithm, list(RESUMABLE))
-    else:
-      ckpt = checkpoint.for_run(config, workdir)
+    ckpt = checkpoint.for_run(config, workdir)
   r = Run(config, workdir, devices=devices, checkpointer=ckpt)
   try:
     try:

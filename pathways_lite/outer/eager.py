@@ -79,11 +79,18 @@ def train(run: Run) -> dict:
   arrived: list[list] = [[] for _ in range(M)]   # arrived[m][t]: what worker m got for step t
   weights = np.asarray(run.weights, np.float32)
   num_outer = math.ceil(run.total_steps / H)
-  run.evaluate(0, init.params)
-  pending, step = None, 0
+  pending, step, t0 = None, 0, 0
+  resumed = run.resume_or_evaluate({"workers": ts, "theta": theta, "outer_opt_state": ostate},
+                                   init.params)
+  if resumed is not None:   # continue after the checkpoint's outer step, exchanges in flight
+    arrays, meta = resumed
+    ts, theta, ostate = list(arrays["workers"]), list(arrays["theta"]), list(arrays["outer_opt_state"])
+    step, t0 = meta["step"], meta["outer_step"]
+    kept = list(arrays.get("in_flight", [])) + [[]] * M   # Orbax may drop empty lists
+    arrived = [[None] * (t0 - len(k)) + list(k) for k in kept[:M]]
   el = Elastic(run)     # a lost island: exchange over the survivors, replace it (Ray backend)
   zs = rt.call(zeros_f32, init.params, island=SERVER, cost=0, name="zeros") if el.enabled else None
-  for t in range(num_outer):
+  for t in range(t0, num_outer):
     h = min(H, run.total_steps - t * H)
     live = el.alive(range(M))
     own, ups, summaries = [None] * M, [zs] * M, {}
@@ -126,16 +133,18 @@ def train(run: Run) -> dict:
     if lost:
       _lose_and_rejoin(run, el, step, t, d, eager, lost, survivors, init, ts, theta, ostate, zeros,
                        arrived)
-    run.commit(step, {"workers": ts, "theta": theta, "outer_opt_state": ostate,
-                      "in_flight": [[a for a in arr if a is not None] for arr in arrived]},
-               outer_step=t + 1, overlap_outer_steps=d, elastic=el.meta())
     if pending is not None:
       _consume(run, *pending)
     pending = (step, summaries, info)
-    if run.eval_due(step):
+    if run.eval_due(step) or run.save_due(step):   # records up to `step` precede its checkpoint
       _consume(run, *pending)
       pending = None
-      run.evaluate(step, consensus(theta))
+      if run.eval_due(step):
+        run.evaluate(step, consensus(theta))
+    # in flight: the exchanges of outer steps t-d+1..t each worker has not applied yet
+    run.commit(step, {"workers": ts, "theta": theta, "outer_opt_state": ostate,
+                      "in_flight": [[a for a in arr if a is not None] for arr in arrived]},
+               outer_step=t + 1, overlap_outer_steps=d, elastic=el.meta())
   if pending is not None:
     _consume(run, *pending)
   final = consensus(theta)

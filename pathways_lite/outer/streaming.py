@@ -77,8 +77,16 @@ def train(run: Run) -> dict:
   events = schedule(run.total_steps, H, offsets, ocfg.overlap_tau)
   points = sorted(set(events) | {run.total_steps})
   in_flight: dict[int, list] = {}   # fragment -> new global value on each worker
-  run.evaluate(0, init.params)
   pending, prev, syncs = None, 0, 0
+  resumed = run.resume_or_evaluate({"global": {"fragments": gfrag, "opt_state": fopt},
+                                    "workers": ws, "anchors": anchors}, init.params)
+  if resumed is not None:   # continue after the checkpoint's point, its fragment syncs in flight
+    arrays, meta = resumed
+    gfrag, fopt = list(arrays["global"]["fragments"]), list(arrays["global"]["opt_state"])
+    ws, anchors = list(arrays["workers"]), [list(a) for a in arrays["anchors"]]
+    in_flight = {f: list(v) for f, v in zip(meta["in_flight_fragments"], arrays.get("in_flight", []))}
+    prev, syncs = meta["step"], meta["syncs"]
+    points = [s for s in points if s > prev]
   el = Elastic(run)     # a lost island: fragment syncs over the survivors, replace it (Ray backend)
   zfrag = [rt.call(zeros_f32, g, island=SERVER, cost=0, name="zeros") for g in gfrag] if el.enabled else None
   for s in points:
@@ -129,15 +137,18 @@ def train(run: Run) -> dict:
         anchors[w][f] = new[w]
     if lost:
       _lose_and_rejoin(run, el, s, lost, init, ids, gfrag, ws, anchors, in_flight)
-    run.commit(s, {"global": {"fragments": gfrag, "opt_state": fopt}, "workers": ws,
-                   "anchors": anchors, "in_flight": dict(in_flight)}, syncs=syncs)
     if pending is not None:
       _consume(run, *pending)
     pending = (s, summaries, infos)
-    if run.eval_due(s):
+    if run.eval_due(s) or run.save_due(s):   # records up to `s` precede its checkpoint
       _consume(run, *pending)
       pending = None
-      run.evaluate(s, global_params(init.params, ids, gfrag))
+      if run.eval_due(s):
+        run.evaluate(s, global_params(init.params, ids, gfrag))
+    frags = sorted(in_flight)   # a list (Orbax keeps no int keys): the fragments in meta
+    run.commit(s, {"global": {"fragments": gfrag, "opt_state": fopt}, "workers": ws,
+                   "anchors": anchors, "in_flight": [in_flight[f] for f in frags]},
+               syncs=syncs, in_flight_fragments=frags)
   if pending is not None:
     _consume(run, *pending)
   final = global_params(init.params, ids, gfrag)

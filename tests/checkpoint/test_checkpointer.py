@@ -1,5 +1,6 @@
 """Checkpointer: exact round trips, retention, corruption, resharding, async safety."""
 import pathlib
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -85,6 +86,40 @@ def test_should_save_by_steps_and_by_time(tmp_path, monkeypatch):
   ck.close()
 
 
+def _busy(ck):
+  """Makes `ck` look as if a save were still being written until the returned event is set."""
+  gate = threading.Event()
+  ck._thread = threading.Thread(target=gate.wait, daemon=True)
+  ck._thread.start()
+  return gate
+
+
+def test_due_step_while_writing_is_skipped_logged_and_sticky(tmp_path, devices, caplog):
+  ck = Checkpointer(tmp_path, SavePolicy(every_steps=2))
+  gate = _busy(ck)
+  assert ck.due(2) and not ck.should_save(2) and ck.skipped == [2]
+  assert "skipping the save of step 2" in caplog.text
+  gate.set()
+  ck._thread.join()
+  assert not ck.should_save(2)          # the answer for a step does not change
+  assert ck.should_save(5)              # 2 -> 5 jumps over 4: due
+  gate = _busy(ck)
+  threading.Timer(0.2, gate.set).start()
+  ck.save(6, _state(devices), {})       # asked for directly (final, preemption): waits, saves
+  assert ck.blocking_s[-1] > 0.1          # it waited for the write in progress
+  ck.wait_until_finished()
+  assert ck.all_steps() == [6] and ck.skipped == [2]
+  ck.close()
+
+
+def test_wait_policy_saves_due_steps_while_writing(tmp_path):
+  ck = Checkpointer(tmp_path, SavePolicy(every_steps=2, if_busy="wait"))
+  gate = _busy(ck)
+  assert ck.should_save(2) and ck.skipped == []
+  gate.set()
+  ck.close()
+
+
 def _corrupt_largest_file(step_dir: pathlib.Path, sub: str):
   files = [p for p in (step_dir / sub).rglob("*") if p.is_file()
            and p.name not in ("commit_success.txt",)]
@@ -159,3 +194,5 @@ def test_bad_policy_names_field():
     SavePolicy(keep=0)
   with pytest.raises(ValueError, match="unknown checkpoint field"):
     SavePolicy.from_config({"every_step": 3})
+  with pytest.raises(ValueError, match="checkpoint.if_busy"):
+    SavePolicy(if_busy="queue")
