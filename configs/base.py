@@ -62,5 +62,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint.keep_every = 0       # ... plus every multiple of keep_every (0 = none)
   c.checkpoint.async_save = True    # write on a background thread
   c.checkpoint.compress = False     # zstd: ~8% smaller, 2-3x slower writes
+  c.checkpoint.if_busy = "skip"     # a due save while the last one still writes: skip | wait
   c.checkpoint.allow_config_change = False  # resume a workdir saved with another config
   return c

@@ -69,7 +69,7 @@ class SavePolicy:
 
   def __post_init__(self):
     if self.if_busy not in IF_BUSY:
-      raise ValueError(f"checkpoint.if_busy must be one of {list(IF_BUSY)}, got {self.if_busy!r}")
+      raise ValueError(f"config field 'checkpoint.if_busy' must be one of {list(IF_BUSY)}, got {self.if_busy!r}")
     for name in ("every_steps", "keep_every"):
       if getattr(self, name) < 0:
         raise ValueError(f"checkpoint.{name} must be >= 0, got {getattr(self, name)}")
