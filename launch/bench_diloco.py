@@ -5,6 +5,8 @@
   python launch/bench_diloco.py --config=configs/lm_125m.py --config.data.seq_len=2048 \
       --config.model.max_seq_len=2048 --workers=1,2 --inner_steps=100 --outer_steps=3 \
       --out=runs/bench_diloco.json
+  # the same with each phase as one lax.scan call (--inner_loop=scan) or as a chain of H
+  # single-step calls (--inner_loop=steps); auto (the default): steps on GPU, scan otherwise
   # CPU smoke test (8 fake devices, tiny model, H=2)
   XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \
       python launch/bench_diloco.py --config=configs/tiny.py --inner_steps=2 --outer_steps=2
@@ -22,10 +24,16 @@ the end of the last one. Three warm-up outer steps by default: the outer
 update compiles again at outer step 1 (its inputs at step 0 come from the
 initial transfers, with other shardings than the update's own outputs), and
 the runtime moves a call whose dispatch blocks (on GPU, the inner phase's
-loop) to its island's dispatch thread only after 3 such dispatches
-(pathways_lite/dispatch.py), so outer steps 0-2 may run the islands in turn.
-Also reported: each worker's mean inner-phase time and the share of an outer
-step spent outside the phases (the sync: transfers of params and
+scan) to its island's dispatch thread only after 3 such dispatches it timed
+(pathways_lite/dispatch.py); the first call of a (fn, island) takes the
+runtime's untimed general path, so with --inner_loop=scan outer steps 0-3 may
+run the islands in turn: give it --warmup_outer=4. --inner_loop=steps
+(outer.inner_loop, pathways_lite/outer/inner.py) dispatches each phase as H
+single-step calls that return at once on GPU, so the islands overlap from
+outer step 1 on. Also reported: the inner loop each run used, each worker's
+mean inner-phase time (from its first to its last call of the phase, as the
+trace's spans say; transfers excluded) and per inner step, and the share of an
+outer step spent outside the phases (the sync: transfers of params and
 pseudo-gradients, the outer update, dispatch gaps).
 
 ratio = tokens/s(M=2) / (2 * tokens/s(M=1)): 1.0 = two islands scale
@@ -48,14 +56,18 @@ _WORKERS = flags.DEFINE_string("workers", "1,2", "Comma-separated worker (island
 _INNER = flags.DEFINE_integer("inner_steps", 100, "H: inner steps per outer step.")
 _OUTER = flags.DEFINE_integer("outer_steps", 3, "Timed outer steps per worker count.")
 _WARMUP = flags.DEFINE_integer("warmup_outer", 3, "Untimed outer steps first (>= 1: compiles).")
+_LOOP = flags.DEFINE_enum("inner_loop", "auto", ["auto", "scan", "steps"],
+                          "outer.inner_loop: a phase as one lax.scan call or a chain of H step "
+                          "calls; auto: steps on GPU, scan otherwise.")
 _OUT = flags.DEFINE_string("out", None, "Also write the JSON result to this file.")
 flags.mark_flags_as_required(["config"])
 
 
-def diloco_config(config, M: int, H: int, n_outer: int):
+def diloco_config(config, M: int, H: int, n_outer: int, inner_loop: str = "auto"):
   """config with a DiLoCo outer loop of M one-device islands for n_outer outer steps of H."""
   c = copy.deepcopy(config)
   c.outer.update(algorithm="diloco", num_workers=M, inner_steps=H, clock="real",
+                 inner_loop=inner_loop,
                  islands="devices", outer_island=0, step_time_s=(), worker_schedule=(),
                  drop_prob=0.0, link_bandwidth_gbps=0.0, link_latency_s=0.0)
   steps = n_outer * H
@@ -66,13 +78,26 @@ def diloco_config(config, M: int, H: int, n_outer: int):
   return c
 
 
-def bench_workers(config, M: int, H: int, outer_steps: int, warmup: int, devices) -> dict:
+def phase_intervals(spans, island: str) -> dict[int, tuple[float, float]]:
+  """Outer step -> (start, end) of `island`'s phase: its calls named "phase <t>..." (the scan
+  call, or restart + H steps + delta); the phase's batch transfer is not counted."""
+  iv = {}
+  for s in spans:
+    if s.island == island and s.name.startswith("phase ") and s.kind != "transfer":
+      t = int(s.name.split()[1])
+      a, b = iv.get(t, (s.t_start, s.t_end))
+      iv[t] = (min(a, s.t_start), max(b, s.t_end))
+  return iv
+
+
+def bench_workers(config, M: int, H: int, outer_steps: int, warmup: int, devices,
+                  inner_loop: str = "auto") -> dict:
   from pathways_lite import configuration
   from pathways_lite.outer import run_with_state
   from pathways_lite.outer.common import SERVER, worker_name
 
   n_outer = warmup + outer_steps
-  c = diloco_config(config, M, H, n_outer)
+  c = diloco_config(config, M, H, n_outer, inner_loop)
   configuration.validate(c)
   summary, run = run_with_state(c, None, devices=devices[:M])
   spans = list(run.rt.trace.spans)
@@ -85,16 +110,21 @@ def bench_workers(config, M: int, H: int, outer_steps: int, warmup: int, devices
   window = ends[n_outer - 1] - ends[warmup - 1]
   tokens = outer_steps * M * H * c.data.batch_size * c.data.seq_len
   outer_s = [ends[t] - ends[t - 1] for t in range(warmup, n_outer)]
-  phase_s = {}
+  phase_s, overlap = {}, []
+  ivs = [phase_intervals(spans, worker_name(w)) for w in range(M)]
   for w in range(M):
-    phase_s[w] = statistics.mean(
-        s.t_end - s.t_start for s in spans
-        if s.island == worker_name(w) and s.name.startswith("phase ")
-        and int(s.name.split()[-1]) >= warmup)
+    phase_s[w] = statistics.mean(b - a for t, (a, b) in ivs[w].items() if t >= warmup)
+  if M > 1:   # how much of the shorter phase of workers 0 and 1 ran at the same time
+    for t in range(warmup, n_outer):
+      (a0, b0), (a1, b1) = ivs[0][t], ivs[1][t]
+      overlap.append(max(0.0, min(b0, b1) - max(a0, a1)) / max(min(b0 - a0, b1 - a1), 1e-12))
   mean_outer = statistics.mean(outer_s)
-  return {"num_workers": M, "tokens_per_s": tokens / window, "timed_tokens": tokens,
+  return {"num_workers": M, "inner_loop": summary["inner_loop"],
+          "tokens_per_s": tokens / window, "timed_tokens": tokens,
           "window_s": window, "outer_step_s": outer_s,
           "phase_s": {str(w): v for w, v in phase_s.items()},
+          "inner_step_ms": {str(w): 1e3 * v / H for w, v in phase_s.items()},
+          "phase_overlap_w0_w1": overlap,
           "sync_share": 1.0 - max(phase_s.values()) / mean_outer,
           "devices": [str(d) for d in devices[:M]],
           "final_train_loss": summary["final_train_loss"],
@@ -133,14 +163,15 @@ def main(argv):
          "param_count_matmul": model_utils.matmul_param_count(model_cfg),
          "batch_size": config.data.batch_size, "seq_len": config.data.seq_len,
          "inner_steps": _INNER.value, "outer_steps": _OUTER.value,
-         "warmup_outer": _WARMUP.value, "results": {}}
+         "warmup_outer": _WARMUP.value, "inner_loop_flag": _LOOP.value, "results": {}}
   results = out["results"]
   for M in workers:
     results[str(M)] = r = bench_workers(config, M, _INNER.value, _OUTER.value, _WARMUP.value,
-                                        devices)
+                                        devices, _LOOP.value)
+    out["inner_loop"] = r["inner_loop"]   # what --inner_loop resolved to here
     r["mfu_per_device"] = model_utils.mfu(r["tokens_per_s"] / M, model_cfg,
                                           config.data.seq_len, devices[0])
-    print(f"M={M}: {r['tokens_per_s']:,.0f} tokens/s, outer step "
+    print(f"M={M} ({r['inner_loop']}): {r['tokens_per_s']:,.0f} tokens/s, outer step "
           f"{statistics.mean(r['outer_step_s']):.3f} s, sync share {r['sync_share']:.3f}", flush=True)
     if _OUT.value:  # partial result: a run killed from outside keeps the worker counts it did
       with open(_OUT.value, "w") as fh:

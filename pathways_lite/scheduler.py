@@ -63,7 +63,24 @@ def _is_ready(value) -> bool:
             return value.is_ready()
         return all(x.is_ready() for x in jax.tree_util.tree_leaves(value))
     except Exception:
-        return True
+        live = _live(value)   # some leaf was donated to a later call: ask the others
+        try:
+            return live is None or all(x.is_ready() for x in live if hasattr(x, "is_ready"))
+        except Exception:
+            return True
+
+
+def _live(values):
+    """The leaves of ``values`` that were not donated to a later call (deleted); None if none was.
+
+    A call that donates its input (``jax.jit(..., donate_argnums=...)``, e.g. a chain of train
+    steps) deletes the arrays of the Future it consumed, maybe before that Future finished. That
+    Future finishes when its other leaves are computed (a chain keeps a small undonated output
+    per call, so its times stay exact); with nothing left, at once (its consumer is after it).
+    """
+    leaves = jax.tree_util.tree_leaves(values)
+    live = [x for x in leaves if not (isinstance(x, jax.Array) and x.is_deleted())]
+    return None if len(live) == len(leaves) else live
 
 
 def _ready_run(items, i, n) -> int:
@@ -89,15 +106,23 @@ def _ready_run(items, i, n) -> int:
 
 
 def _block(values) -> None:
-    """Block until every output in ``values`` is computed (one call for the lot); raises its error."""
-    for v in values:
-        if type(v) is not ArrayImpl:
-            jax.block_until_ready(values)
-            return
-    if len(values) == 1:
-        values[0].block_until_ready()
-    else:
-        _batched_block(values)
+    """Block until every output in ``values`` is computed (one call for the lot); raises its error.
+
+    Arrays donated to a later call since (deleted) are skipped (see ``_live``)."""
+    try:
+        for v in values:
+            if type(v) is not ArrayImpl:
+                jax.block_until_ready(values)
+                return
+        if len(values) == 1:
+            values[0].block_until_ready()
+        else:
+            _batched_block(values)
+    except Exception:
+        live = _live(values)
+        if live is None:
+            raise
+        jax.block_until_ready(live)
 
 
 def _post_order(root):
@@ -473,7 +498,7 @@ class RealEngine(Engine):
                 break
         if exc is None and not blocked:
             try:
-                jax.block_until_ready(value)
+                _block([value])
             except BaseException as e:  # the computation failed on the device
                 exc = e
         t_end = self.clock.now()
@@ -643,7 +668,7 @@ class VirtualEngine(Engine):
         if exc is None:
             try:
                 value = fut._value if fut._gang is None else fut._gang[0].out
-                jax.block_until_ready(value)
+                _block([value])
             except BaseException as e:
                 exc = e
         self.finish(fut, exc)

@@ -22,6 +22,7 @@ SHARD_SAMPLING = ("own", "least_progress")
 CLOCKS = ("virtual", "real")
 ISLANDS = ("virtual", "devices")
 COLLECTIVES = ("server", "xla", "pallas")  # ddp's gradient exchange (pathways_lite/outer/ddp_collective.py)
+INNER_LOOPS = ("auto", "scan", "steps")   # how a phase runs (pathways_lite/outer/inner.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +33,9 @@ class OuterConfig:
   num_workers: int = 1             # M: workers = islands (or virtual islands)
   inner_steps: int = 500           # H: inner steps between outer syncs (ddp ignores it)
   inner_optimizer: str = "adamw"   # adamw: train.* hyper-parameters; sgd: plain SGD on train.lr schedule
+  # a phase of H inner steps as one lax.scan call, or as a chain of H single-step calls (diloco and
+  # local_sgd); auto: steps on GPU islands of the local runtime, scan otherwise (outer/inner.py says why)
+  inner_loop: str = "auto"
   optimizer: str = "nesterov"      # outer optimizer: sgd (lr 1 = FedAvg) | sgdm | nesterov | adam
   lr: float = 0.7                  # outer learning rate
   momentum: float = 0.9            # sgdm / nesterov / DN momentum
@@ -100,6 +104,11 @@ class OuterConfig:
     _int("num_workers", self.num_workers, 1)
     _int("inner_steps", self.inner_steps, 1)
     _choice("inner_optimizer", self.inner_optimizer, INNER_OPTIMIZERS)
+    _choice("inner_loop", self.inner_loop, INNER_LOOPS)
+    if self.inner_loop == "steps" and self.algorithm not in ("diloco", "local_sgd"):
+      raise ValueError(f"config field 'outer.inner_loop'='steps' is supported by outer.algorithm "
+                       f"in ['diloco', 'local_sgd'], not {self.algorithm!r}; allowed here: "
+                       "['auto', 'scan']")
     _choice("optimizer", self.optimizer, OUTER_OPTIMIZERS)
     _num("lr", self.lr, 0.0, lo_open=True)
     _num("momentum", self.momentum, 0.0, 1.0, hi_open=True)

@@ -12,8 +12,9 @@ drops, outer.drop_prob) and finite (non-finite ones are rejected and logged,
 never applied). local_sgd is the same loop with outer SGD, lr 1 (FedAvg:
 theta <- the weighted mean of the workers' params).
 
-The whole step is enqueued as futures; the host reads step t-1's metrics
-after step t is dispatched. Elastic compute: outer.worker_schedule gives the
+Each phase is one scan call or a chain of H step calls (outer.inner_loop, see
+pathways_lite/outer/inner.py). The whole step is enqueued as futures; the
+host reads step t-1's metrics after step t is dispatched. Elastic compute: outer.worker_schedule gives the
 number of active workers (the first n) for equal slices of training.
 """
 from __future__ import annotations
@@ -28,7 +29,8 @@ import optax
 from pathways_lite import network
 from pathways_lite.outer import rules
 from pathways_lite.outer.common import SERVER, Run, memo, outer_optimizer, wire, zeros_f32
-from pathways_lite.outer.inner import pick0, pick1, pick2, pick_delta, pick_state, pick_summary
+from pathways_lite.outer.inner import (pick0, pick1, pick2, pick_delta, pick_state, pick_summary,
+                                       resolve_inner_loop)
 from pathways_lite.ray_elastic import Elastic
 
 
@@ -68,6 +70,7 @@ def active_workers(run: Run, t: int, num_outer: int) -> list[int]:
 def train(run: Run) -> dict:
   """The DiLoCo / Local-SGD outer loop; returns the run summary."""
   rt, inner, ocfg, M, H = run.rt, run.inner, run.ocfg, run.M, run.H
+  loop = resolve_inner_loop(ocfg.inner_loop, rt, run.workers[0])   # before any compile
   opt = run.outer_opt if ocfg.algorithm == "diloco" else outer_optimizer("sgd", 1.0, ocfg)
   update = make_outer_update(opt)
   opt_init = memo(("opt_init", opt), lambda: jax.jit(opt.init))
@@ -100,8 +103,8 @@ def train(run: Run) -> dict:
     for w in active:
       isl = run.workers[w]
       start = starts[w] = rt.transfer(gp, island=isl, name=f"params->{isl}")
-      out = rt.call(inner.phase, ws[w], start, el.batches(w, h), island=isl, cost=h,
-                    name=f"phase {t}")
+      out = inner.dispatch_phase(rt, loop, ws[w], start, el.batches(w, h), island=isl,
+                                 name=f"phase {t}")
       ws[w] = rt.call(pick_state, out, island=isl, cost=0, name="state")
       d = rt.call(pick_delta, out, island=isl, cost=0, name="delta")
       deltas[w] = rt.transfer(d, island=SERVER, wire_dtype=wire(ocfg), name=f"delta {w}")
@@ -139,7 +142,7 @@ def train(run: Run) -> dict:
     _consume(run, *pending)
   upload = sum(network.payload_nbytes(np.shape(x), np.float32, wire(ocfg))
                for x in jax.tree.leaves(init.params))
-  return run.summary(gp, peak_sync_bytes=M * upload, syncs=num_outer)
+  return run.summary(gp, peak_sync_bytes=M * upload, syncs=num_outer, inner_loop=loop)
 
 
 def _consume(run: Run, step: int, summaries: dict, info, keep) -> None:
