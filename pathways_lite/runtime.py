@@ -322,8 +322,15 @@ class Runtime(GangMixin):
             out = self._jitted(fn, isl, bool(args))(*vals)
         except Exception as e:
             return self._engine.fail_now(fut, e)
-        if d is not None and self._policy.thread_took(d, fn, isl.name, self._now() - t):
-            self._forget(fn, isl.name)
+        if self._policy is not None:   # time it: a blocking dispatch here also moves to a thread
+            dt = self._now() - t
+            try:
+                moved = (self._policy.thread_took(d, fn, isl.name, dt) if d is not None
+                         else self._policy.inline_took(fn, isl.name, dt))
+            except TypeError:          # an unhashable fn: never offloaded
+                moved = False
+            if moved:
+                self._forget(fn, isl.name)
         self._engine.submit(fut, out, self._book[isl.name], cost)
         if deferred:
             fut._memo = None
