@@ -413,7 +413,11 @@ def section_ddp(res):
     emit()
   if "xla" in final and "pallas" in final:
     e2e["pallas_vs_xla"] = _tree_diff(final["pallas"], final["xla"])
-    e2e["ok"] = e2e["pallas_vs_xla"]["max_abs_diff"] <= 1e-6
+    # The yardstick is XLA's own distance from the server mode: the same math in a
+    # differently fused program (on GPU ~1.5e-6 after 3 f32 steps; on CPU ~1e-8).
+    yard = e2e["xla"].get("vs_server", {}).get("max_abs_diff", 0.0)
+    e2e["ok_tolerance"] = max(4 * yard, 1e-6)
+    e2e["ok"] = e2e["pallas_vs_xla"]["max_abs_diff"] <= e2e["ok_tolerance"]
   d = 128 if FLAGS.quick else FLAGS.ddp_dim
   layers, seq, batch = (2, 32, 2) if FLAGS.quick else (2, 1024, 8)
   cfg = ModelConfig(d_model=d, num_layers=layers, num_heads=max(1, d // 128),
