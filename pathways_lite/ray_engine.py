@@ -25,7 +25,8 @@ import threading
 from typing import NamedTuple
 
 from pathways_lite.futures import FINISHED
-from pathways_lite.scheduler import RealEngine, VirtualEngine
+from pathways_lite.real_engine import RealEngine
+from pathways_lite.scheduler import VirtualEngine
 from pathways_lite.trace import Event, Trace
 
 log = logging.getLogger(__name__)

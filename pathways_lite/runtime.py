@@ -58,7 +58,8 @@ from pathways_lite.futures import CANCELLED, FINISHED, MISSING, PENDING, Future
 from pathways_lite.gangs import GangMixin, _check, _Failed, _fn_name, _Missing
 from pathways_lite.islands import GANG_AXIS, Island, IslandIndex
 from pathways_lite.network import LinkModel
-from pathways_lite.scheduler import RealEngine, VirtualEngine
+from pathways_lite.real_engine import RealEngine
+from pathways_lite.scheduler import VirtualEngine
 from pathways_lite.trace import Trace
 
 try:
