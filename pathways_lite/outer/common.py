@@ -4,6 +4,14 @@ Islands: one per worker (`worker<w>`) plus `server`, where the outer
 optimizer runs. `outer.islands="virtual"`: all share the first device
 (time-sliced; M workers on one CPU or GPU). `"devices"`: worker w gets device
 w mod D; the server shares the device of worker `outer.outer_island`.
+Islands of several devices (`outer.island_data` x `outer.island_tensor` = k >
+1, "devices" only): worker w gets devices [w*k, (w+1)*k) as a mesh with the
+model's axes (data, fsdp=1, tensor; models/sharding.py), and the server the
+same devices and mesh as worker `outer.outer_island` (one mesh shape for every
+island, so a transfer keeps an array's PartitionSpec: global params and
+pseudo-gradients stay sharded like the workers' params, and the outer update
+runs sharded). The inner computations run on the island's mesh
+(`Run.inner_on`, outer/inner.py).
 Clock: `outer.clock="virtual"` gives worker w the speed `outer.step_time_s[w]`
 simulated seconds per inner step (a phase of H steps costs H units) and the
 server speed 0 (the outer update is instant); links carry
@@ -36,7 +44,7 @@ from pathways_lite import metrics as metrics_lib
 from pathways_lite.metrics import MetricsWriter
 from pathways_lite.network import Link, LinkModel
 from pathways_lite.outer import rules
-from pathways_lite.outer.config import OuterConfig
+from pathways_lite.outer.config import OuterConfig, check_island_mesh
 from pathways_lite.outer.inner import make_inner
 from pathways_lite.ray_backends import from_local
 from pathways_lite.runtime import Runtime
@@ -53,6 +61,8 @@ def make_run_islands(ocfg: OuterConfig, devices=None) -> list[Island]:
   devices = list(jax.devices() if devices is None else devices)
   M = ocfg.num_workers
   names = [worker_name(w) for w in range(M)] + [SERVER]
+  if ocfg.island_devices > 1:
+    return _mesh_islands(ocfg, devices, names)
   if ocfg.islands == "virtual":
     return make_islands(M + 1, virtual=True, devices=devices[:1], names=names)
   islands = []
@@ -65,6 +75,24 @@ def make_run_islands(ocfg: OuterConfig, devices=None) -> list[Island]:
                           len(shared[w % len(devices)]) > 1))
   d = devices[ocfg.outer_island % len(devices)]
   islands.append(Island(SERVER, (d,), Mesh(np.array([d], dtype=object), ("data",)), True))
+  return islands
+
+
+def _mesh_islands(ocfg: OuterConfig, devices, names) -> list[Island]:
+  """Worker w: devices [w*k, (w+1)*k) as a (data, fsdp=1, tensor) mesh; the server: worker
+  outer_island's devices and mesh (a separate Island object, marked shared)."""
+  from models.sharding import make_mesh
+  k, M = ocfg.island_devices, ocfg.num_workers
+  if M * k > len(devices):
+    raise ValueError(f"config field 'outer.island_data'/'outer.island_tensor': {M} islands x {k} "
+                     f"devices need {M * k} devices, only {len(devices)} available")
+  islands = []
+  for w in range(M):
+    devs = devices[w * k:(w + 1) * k]
+    islands.append(Island(names[w], tuple(devs),
+                          make_mesh(devs, data=ocfg.island_data, tensor=ocfg.island_tensor)))
+  host = islands[ocfg.outer_island]
+  islands.append(Island(SERVER, host.devices, host.mesh, True))
   return islands
 
 
@@ -97,6 +125,7 @@ def outer_optimizer(name: str, lr: float, ocfg: OuterConfig):
       name, lr, momentum=ocfg.momentum, b1=ocfg.b1, b2=ocfg.b2, eps=ocfg.eps))
 
 
+_identity = jax.jit(lambda x: x)
 zeros_f32 = jax.jit(lambda p: jax.tree.map(lambda x: jax.numpy.zeros(x.shape, "float32"), p))
 
 
@@ -113,6 +142,7 @@ class Run:
     self.records = 0               # metrics records written (a checkpoint keeps this many)
     self.workdir = workdir
     self.ocfg = ocfg = OuterConfig.from_config(config.outer)
+    check_island_mesh(config, ocfg, len(jax.devices() if devices is None else devices))
     self.model_cfg = configuration.model_config(config)
     self.M = M = ocfg.num_workers
     self.H = ocfg.inner_steps
@@ -142,6 +172,24 @@ class Run:
     self.state: dict | None = None   # {"arrays": pytree (may hold Futures), "meta": JSON dict}
     self.next_eval = config.train.eval_every or self.total_steps
     self.t_start = time.time()
+
+  # ---- islands of several devices -------------------------------------------------------
+  def inner_on(self, island: str):
+    """The inner pieces for `island` (outer/inner.py, Inner.on): the run's Inner itself on
+    one-device islands (the default), else its copy jitted for the island's mesh."""
+    if self.ocfg.island_devices == 1:
+      return self.inner
+    return self.inner.on(self.rt.island(island))
+
+  def place(self, tree, island: str, name: str):
+    """A host pytree (initial state, params) onto `island`: a transfer from the host on
+    one-device islands (the default); on a mesh, laid out by the sharding rules (a transfer
+    has one PartitionSpec for every leaf), then made a Future of the island by a no-cost
+    identity call (so later transfers from it go through the link like a transfer's)."""
+    if self.ocfg.island_devices == 1:
+      return self.rt.transfer(tree, island=island, name=name)
+    placed = self.inner.place(tree, self.rt.island(island))
+    return self.rt.call(_identity, placed, island=island, cost=0, name=name)
 
   # ---- data -----------------------------------------------------------------------------
   def batches(self, shard: int, n: int) -> np.ndarray:
@@ -187,7 +235,9 @@ class Run:
     """Validation loss of the global params (host wait; takes no simulated time)."""
     if isinstance(params, Future):
       params = params.result()
-    ev = self.inner.evaluate(params, self.val_batches)
+    if self.ocfg.island_devices > 1:    # on the server's mesh (model.tp_collectives needs one)
+      params = self.inner.place(params, self.rt.island(SERVER))
+    ev = self.inner_on(SERVER).evaluate(params, self.val_batches)
     ev.update(step=int(step), sim_time_s=self.rt.now(), bytes=self.rt.links.bytes_sent(),
               tokens=self.tokens)
     self.evals.append(ev)

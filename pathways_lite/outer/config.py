@@ -64,6 +64,11 @@ class OuterConfig:
   # simulation
   clock: str = "virtual"           # virtual: deterministic simulated time | real: wall time
   islands: str = "virtual"         # virtual: M virtual islands on one device | devices: 1 device each
+  # islands of several devices (outer.islands="devices" only): each worker island gets
+  # island_data * island_tensor consecutive devices as a (data, fsdp=1, tensor) mesh
+  # (models/sharding.py); its inner computations run data + tensor parallel on it
+  island_data: int = 1
+  island_tensor: int = 1
   step_time_s: tuple = ()          # simulated seconds per inner step for each worker; () = 1.0
   outer_island: int = 0            # the island that runs the outer optimizer
   link_bandwidth_gbps: float = 0.0  # between islands; 0 = infinite
@@ -93,6 +98,11 @@ class OuterConfig:
   @property
   def step_times(self) -> tuple[float, ...]:
     return tuple(float(t) for t in self.step_time_s) or (1.0,) * self.num_workers
+
+  @property
+  def island_devices(self) -> int:
+    """Devices per worker island (1: the default one-device islands)."""
+    return self.island_data * self.island_tensor
 
   @property
   def buffer_size(self) -> int:
@@ -142,6 +152,13 @@ class OuterConfig:
     _choice("shard_sampling", self.shard_sampling, SHARD_SAMPLING)
     _choice("clock", self.clock, CLOCKS)
     _choice("islands", self.islands, ISLANDS)
+    _int("island_data", self.island_data, 1)
+    _int("island_tensor", self.island_tensor, 1)
+    if self.island_devices > 1 and self.islands != "devices":
+      field = "island_data" if self.island_data > 1 else "island_tensor"
+      raise ValueError(f"config field 'outer.{field}'={getattr(self, field)} needs "
+                       f"outer.islands='devices' (virtual islands keep one device; got "
+                       f"outer.islands={self.islands!r}); allowed here: 1")
     if self.step_time_s:
       if len(self.step_time_s) != self.num_workers:
         raise ValueError(f"config field 'outer.step_time_s' needs one entry per worker "
@@ -162,6 +179,31 @@ class OuterConfig:
                          "worker islands with distinct devices: set outer.islands='devices' "
                          f"(got {self.islands!r}), or use outer.collectives='server'")
     return self
+
+
+def check_island_mesh(config, ocfg: OuterConfig, num_devices: int) -> None:
+  """Islands of several devices: raises ValueError naming the field before anything compiles."""
+  k = ocfg.island_devices
+  if k == 1:
+    return
+  need = ocfg.num_workers * k
+  if need > num_devices:
+    field = "island_data" if ocfg.island_data > 1 else "island_tensor"
+    raise ValueError(
+        f"config field 'outer.{field}': outer.num_workers={ocfg.num_workers} islands x "
+        f"outer.island_data={ocfg.island_data} x outer.island_tensor={ocfg.island_tensor} need "
+        f"{need} devices, only {num_devices} available")
+  if config.data.batch_size % ocfg.island_data:
+    raise ValueError(f"config field 'outer.island_data'={ocfg.island_data} must divide "
+                     f"data.batch_size={config.data.batch_size} (batches split over 'data')")
+  m = config.model
+  if m.get("tp_collectives", "gspmd") != "gspmd":
+    T = ocfg.island_tensor
+    for name, size in (("model.num_heads", m.num_heads), ("model.num_kv_heads", m.num_kv_heads),
+                       ("data.seq_len", config.data.seq_len)):
+      if size % T:
+        raise ValueError(f"config field 'outer.island_tensor'={T} must divide {name}={size} "
+                         f"(model.tp_collectives={m.tp_collectives!r} splits it over 'tensor')")
 
 
 def _choice(field, value, allowed):

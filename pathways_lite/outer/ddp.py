@@ -42,7 +42,7 @@ def train(run: Run) -> dict:
   rt, inner, ocfg, M = run.rt, run.inner, run.ocfg, run.M
   update = make_ddp_update(inner)
   init = inner.init_state(run.seed)
-  state = rt.transfer(init, island=SERVER, name="init state")
+  state = run.place(init, SERVER, "init state")   # islands of k devices: sharded
   params = rt.call(pick_params, state, island=SERVER, cost=0, name="params")
   keep = np.ones(M, bool)
   resumed = run.resume_or_evaluate({"global": {"state": state}}, init.params)
@@ -54,7 +54,7 @@ def train(run: Run) -> dict:
     grads, metrics = [], {}
     for w, isl in enumerate(run.workers):
       p = rt.transfer(params, island=isl, name=f"params->{isl}")
-      out = rt.call(inner.grads, p, run.batches(w, 1)[0], island=isl, cost=1, name="grads")
+      out = rt.call(run.inner_on(isl).grads, p, run.batches(w, 1)[0], island=isl, cost=1, name="grads")
       g = rt.call(pick0, out, island=isl, cost=0, name="g")
       grads.append(rt.transfer(g, island=SERVER, wire_dtype=wire(ocfg), name=f"grads {w}"))
       metrics[w] = rt.call(pick1, out, island=isl, cost=0, name="metrics")

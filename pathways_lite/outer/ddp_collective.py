@@ -52,6 +52,10 @@ def check(run: Run, devices=None) -> None:
   if backend != "local":
     raise ValueError(f"config field 'outer.collectives'={mode!r} needs runtime.backend='local' "
                      f"(Ray islands run gangs on one island, without collectives); got {backend!r}")
+  if ocfg.island_devices > 1:
+    raise ValueError(f"config field 'outer.collectives'={mode!r} all-reduces across one-device "
+                     f"worker islands; islands of {ocfg.island_devices} devices "
+                     "(outer.island_data x outer.island_tensor) need outer.collectives='server'")
   isls = [run.rt.island(w) for w in run.workers]
   seen = set()
   for isl in isls:

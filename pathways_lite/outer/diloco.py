@@ -75,9 +75,9 @@ def train(run: Run) -> dict:
   update = make_outer_update(opt)
   opt_init = memo(("opt_init", opt), lambda: jax.jit(opt.init))
   init = inner.init_state(run.seed)                         # every worker: the same seed
-  gp = rt.transfer(init.params, island=SERVER, name="init params")
+  gp = run.place(init.params, SERVER, "init params")   # islands of k devices: sharded
   ostate = rt.call(opt_init, gp, island=SERVER, cost=0, name="outer init")
-  ws = [rt.transfer(init, island=w, name=f"init {w}") for w in run.workers]
+  ws = [run.place(init, w, f"init {w}") for w in run.workers]
   zeros = rt.call(zeros_f32, gp, island=SERVER, cost=0, name="zeros")
   weights = np.asarray(run.weights, np.float32)
   num_outer = math.ceil(run.total_steps / H)
@@ -103,7 +103,7 @@ def train(run: Run) -> dict:
     for w in active:
       isl = run.workers[w]
       start = starts[w] = rt.transfer(gp, island=isl, name=f"params->{isl}")
-      out = inner.dispatch_phase(rt, loop, ws[w], start, el.batches(w, h), island=isl,
+      out = run.inner_on(isl).dispatch_phase(rt, loop, ws[w], start, el.batches(w, h), island=isl,
                                  name=f"phase {t}")
       ws[w] = rt.call(pick_state, out, island=isl, cost=0, name="state")
       d = rt.call(pick_delta, out, island=isl, cost=0, name="delta")

@@ -37,11 +37,23 @@ Why two inner loops (outer.inner_loop):
   runtime is the local one; "scan" otherwise (CPU, TPU; Ray islands, whose
   actor completes each call before the next, so a chain would sync per step).
 
+Islands of several devices (outer.island_data x outer.island_tensor > 1):
+`Inner.on(island)` is a copy of the run's Inner whose pieces are jitted for
+that island's (data, fsdp, tensor) mesh: batches are split over "data" (and
+"fsdp"), every output TrainState / delta / gradient is constrained to the
+models/sharding rules for the mesh (optimizer moments like their params,
+scalars replicated), `place(tree, island)` puts a host tree there with the
+same rules, and every call runs under `jax.set_mesh(mesh)`, which the
+decoder's shard_map blocks need with model.tp_collectives "xla" | "pallas"
+(their collectives run over "tensor"). One-device islands use the plain
+pieces (`on` returns the Inner itself).
+
 Workers are `train.TrainState`s (step, params, inner optimizer state, RNG),
 all made by `init_state(seed)`: every worker starts from the same params.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any, Callable
 
@@ -49,7 +61,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from models import sharding as sharding_rules
 from models.config import ModelConfig
 from models.decoder import DecoderLM
 from models.loss import cross_entropy
@@ -143,6 +158,11 @@ class Inner:
       return state.replace(step=state.step + 1, params=params, opt_state=opt_state)
 
     self.apply_fn = apply
+    self.mesh = None          # None: plain pieces (one-device islands); see on()
+    self._on = {}
+    self._raw = {"steps": steps, "phase": phase, "restart": restart, "chain_step": chain_step,
+                 "finish": finish, "grads": grads, "apply": apply,
+                 "eval_step": train_lib.make_eval_step(self.model_cfg)}
     self._init = {}
     self.steps = jax.jit(steps)
     self.phase = jax.jit(phase)
@@ -152,6 +172,21 @@ class Inner:
     self.grads = jax.jit(grads)
     self.apply = jax.jit(apply)
     self.eval_step = jax.jit(train_lib.make_eval_step(self.model_cfg))
+
+  def on(self, island) -> "Inner":
+    """The pieces for `island`: self for a one-device island, else a copy jitted for its mesh."""
+    mesh = island.mesh
+    if mesh.devices.size == 1:
+      return self
+    if mesh not in self._on:
+      self._on[mesh] = _on_mesh(self, mesh)
+    return self._on[mesh]
+
+  def place(self, tree, island):
+    """A host (or any) pytree on `island`, laid out by tree_shardings (one-device: as is)."""
+    if island.mesh.devices.size == 1:
+      return tree
+    return jax.device_put(tree, tree_shardings(tree, island.mesh))
 
   def init_state(self, seed: int) -> train_lib.TrainState:
     if seed not in self._init:
@@ -180,19 +215,104 @@ class Inner:
     """
     H = int(np.shape(batches_HxBxL1)[0])
     local_real = isinstance(rt, Runtime) and not rt.virtual
+    spec = None if self.mesh is None else P(None, sharding_rules.BATCH_AXES, None)
     if loop == "scan":
-      b = rt.transfer(batches_HxBxL1, island=island, name=f"{name} batches") if local_real \
-          else batches_HxBxL1
+      b = rt.transfer(batches_HxBxL1, island=island, spec=spec, name=f"{name} batches") \
+          if local_real or spec is not None else batches_HxBxL1
       return rt.call(self.phase, state, start_params, b, island=island, cost=H, name=name)
     if loop != "steps":
       raise ValueError(f"inner loop {loop!r} is not one of {list(INNER_LOOPS)} (resolve "
                        "outer.inner_loop with resolve_inner_loop first)")
-    b = rt.transfer(batches_HxBxL1, island=island, name=f"{name} batches")
+    b = rt.transfer(batches_HxBxL1, island=island, spec=spec, name=f"{name} batches")
     c = rt.call(self.restart, state, start_params, b, island=island, cost=0,
                 name=f"{name} restart")
     for i in range(H):
       c = rt.call(self.chain_step, c, b, island=island, cost=0, name=f"{name} step {i}")
     return rt.call(self.finish, start_params, c, island=island, cost=H, name=f"{name} delta")
+
+
+def tree_shardings(tree, mesh):
+  """NamedShardings for a TrainState / params / optimizer-state / delta pytree on `mesh`.
+
+  A leaf whose (parent, name) and rank match a models/sharding rule gets that rule
+  (axes that do not divide a dim dropped), so params, their optimizer moments,
+  pseudo-gradients and gradients share one layout; every other leaf (step, RNG,
+  optimizer counts, metrics) is replicated.
+  """
+  def one(path, leaf):
+    try:
+      spec = sharding_rules._fit(sharding_rules._rule(path, leaf), np.shape(leaf), mesh)
+    except ValueError:
+      spec = P()
+    return NamedSharding(mesh, spec)
+  return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def _constrain(tree, mesh):
+  return jax.lax.with_sharding_constraint(tree, tree_shardings(tree, mesh))
+
+
+class _OnMesh:
+  """A jitted function called (and lowered) under `jax.set_mesh(mesh)`."""
+
+  def __init__(self, jf, mesh):
+    self.jf, self.mesh = jf, mesh
+
+  def __call__(self, *args):
+    with jax.set_mesh(self.mesh):
+      return self.jf(*args)
+
+  def lower(self, *args):
+    with jax.set_mesh(self.mesh):
+      return self.jf.lower(*args)
+
+
+def _on_mesh(inner: Inner, mesh) -> Inner:
+  """A copy of `inner` whose pieces run on `mesh` (see the module docstring)."""
+  r = inner._raw
+  hb = NamedSharding(mesh, P(None, sharding_rules.BATCH_AXES, None))   # [H, B, L+1]
+  b1 = NamedSharding(mesh, sharding_rules.batch_partition_spec())      # [B, L+1]
+  wsc = jax.lax.with_sharding_constraint
+
+  def steps(state, batches):
+    state, summary = r["steps"](state, wsc(batches, hb))
+    return _constrain(state, mesh), summary
+
+  def phase(state, start_params, batches):
+    state, delta, summary = r["phase"](state, start_params, wsc(batches, hb))
+    return _constrain(state, mesh), _constrain(delta, mesh), summary
+
+  def restart(state, start_params, batches):
+    carry, m = r["restart"](state, start_params, wsc(batches, hb))
+    return dict(carry, state=_constrain(carry["state"], mesh)), m
+
+  def chain_step(prev, batches):
+    carry, m = r["chain_step"](prev, wsc(batches, hb))
+    return dict(carry, state=_constrain(carry["state"], mesh)), m
+
+  def finish(start_params, prev):
+    state, delta, summary = r["finish"](start_params, prev)
+    return _constrain(state, mesh), _constrain(delta, mesh), summary
+
+  def grads(params, batch):
+    g, m = r["grads"](params, wsc(batch, b1))
+    return _constrain(g, mesh), m
+
+  def apply(state, g):
+    return _constrain(r["apply"](state, g), mesh)
+
+  def eval_step(params, batch):
+    return r["eval_step"](params, wsc(batch, b1))
+
+  out = copy.copy(inner)
+  out.mesh = mesh
+  out._on = {}
+  for name, fn, donate in (("steps", steps, ()), ("phase", phase, ()), ("restart", restart, ()),
+                           ("chain_step", chain_step, (0,)), ("finish", finish, ()),
+                           ("grads", grads, ()), ("apply", apply, ()),
+                           ("eval_step", eval_step, ())):
+    setattr(out, name, _OnMesh(jax.jit(fn, donate_argnums=donate), mesh))
+  return out
 
 
 _CACHE: dict = {}

@@ -67,10 +67,11 @@ def train(run: Run) -> dict:
   update = make_outer_update(run.outer_opt)
   opt_init = memo(("opt_init", run.outer_opt), lambda: jax.jit(run.outer_opt.init))
   weights = np.asarray(run.weights, np.float32)
-  gfrag = [rt.call(fns[f][0], init.params, island=SERVER, cost=0, name=f"fragment {f}")
+  src = init.params if ocfg.island_devices == 1 else run.place(init.params, SERVER, "init params")
+  gfrag = [rt.call(fns[f][0], src, island=SERVER, cost=0, name=f"fragment {f}")
            for f in range(F)]
   fopt = [rt.call(opt_init, g, island=SERVER, cost=0, name="outer init") for g in gfrag]
-  ws = [rt.transfer(init, island=w, name=f"init {w}") for w in run.workers]
+  ws = [run.place(init, w, f"init {w}") for w in run.workers]
   anchors = [[rt.transfer(g, island=w, name="anchor") for g in gfrag] for w in run.workers]
   sync_bytes = [sum(network.payload_nbytes(np.shape(x), np.float32, wire(ocfg))
                     for x in fragments.split(init.params, ids, f).values()) for f in range(F)]
@@ -96,7 +97,7 @@ def train(run: Run) -> dict:
     if k > 0:
       for w in live:
         isl = run.workers[w]
-        out = rt.call(inner.steps, ws[w], el.batches(w, k), island=isl, cost=k, name=f"steps ->{s}")
+        out = rt.call(run.inner_on(isl).steps, ws[w], el.batches(w, k), island=isl, cost=k, name=f"steps ->{s}")
         ws[w] = rt.call(pick0, out, island=isl, cost=0, name="state")
         summaries[w] = rt.call(pick1, out, island=isl, cost=0, name="summary")
     prev = s
