@@ -22,7 +22,8 @@ SHARD_SAMPLING = ("own", "least_progress")
 CLOCKS = ("virtual", "real")
 ISLANDS = ("virtual", "devices")
 COLLECTIVES = ("server", "xla", "pallas")  # ddp's gradient exchange (pathways_lite/outer/ddp_collective.py)
-INNER_LOOPS = ("auto", "scan", "steps")   # how a phase runs (pathways_lite/outer/inner.py)
+INNER_LOOPS = ("auto", "scan", "steps")
+MESH_ALGORITHMS = ("ddp", "local_sgd", "diloco", "streaming")   # islands of several devices   # how a phase runs (pathways_lite/outer/inner.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +155,11 @@ class OuterConfig:
     _choice("islands", self.islands, ISLANDS)
     _int("island_data", self.island_data, 1)
     _int("island_tensor", self.island_tensor, 1)
+    if self.island_devices > 1 and self.algorithm not in MESH_ALGORITHMS:
+      field = "island_data" if self.island_data > 1 else "island_tensor"
+      raise ValueError(f"config field 'outer.{field}'={getattr(self, field)} (islands of several "
+                       f"devices) is supported by outer.algorithm in {list(MESH_ALGORITHMS)}, not "
+                       f"{self.algorithm!r}; allowed here: 1")
     if self.island_devices > 1 and self.islands != "devices":
       field = "island_data" if self.island_data > 1 else "island_tensor"
       raise ValueError(f"config field 'outer.{field}'={getattr(self, field)} needs "

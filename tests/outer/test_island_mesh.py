@@ -89,13 +89,16 @@ def test_streaming_and_ddp_on_2x2_device_islands(make_config, algorithm, kw):
     (dict(island_data=0), r"outer\.island_data' must be an int >= 1"),
     (dict(island_tensor=-1), r"outer\.island_tensor' must be an int >= 1"),
     (dict(island_tensor=2), r"outer\.island_tensor'=2 needs outer\.islands='devices'"),
+    (dict(algorithm="eager", islands="devices", island_data=2),
+     r"outer\.island_data'=2 \(islands of several devices\) is supported by outer\.algorithm"),
     (dict(islands="devices", island_data=2, island_tensor=4),
      r"outer\.island_data': outer\.num_workers=2 islands x .* need 16 devices, only 8"),
     (dict(islands="devices", island_data=4), r"outer\.island_data'=4 must divide data\.batch_size=2"),
 ])
 def test_bad_island_mesh_fields_raise_naming_the_field(make_config, outer, match):
   with pytest.raises(ValueError, match=match):
-    run_with_state(make_config("diloco", steps=2, inner_steps=2, **outer), None)
+    run_with_state(make_config(outer.pop("algorithm", "diloco"), steps=2, inner_steps=2, **outer),
+                   None)
 
 
 def test_tp_collectives_need_tensor_to_divide_heads(make_config):
