@@ -6,6 +6,7 @@ the dotted field and what is allowed.
 """
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import os
@@ -151,6 +152,23 @@ def locked_copy(config) -> ml_collections.ConfigDict:
   """A deep copy that refuses new fields (values may still change)."""
   c = ml_collections.ConfigDict(_as_dict(config))
   c.lock()
+  return c
+
+
+def with_overrides(config, overrides: Mapping[str, Any], who: str):
+  """A deep copy of config with dotted overrides ({"outer.lr": 0.5}) set; ValueError naming
+  `who` and the missing section or field (an override only changes fields that exist)."""
+  c = copy.deepcopy(config)
+  for dotted, value in overrides.items():
+    *path, leaf = dotted.split(".")
+    node = c
+    for p in path:
+      if p not in node:
+        raise ValueError(f"{who}: override {dotted!r}: config has no section {p!r}")
+      node = node[p]
+    if leaf not in node:
+      raise ValueError(f"{who}: override {dotted!r}: config section has no field {leaf!r}")
+    node[leaf] = value
   return c
 
 

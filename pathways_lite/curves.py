@@ -15,7 +15,6 @@ that variant's differences from the reference.
 """
 from __future__ import annotations
 
-import copy
 import os
 
 import numpy as np
@@ -23,22 +22,6 @@ import numpy as np
 from pathways_lite import metrics as metrics_lib
 
 TAIL = 20  # steps in the "final loss" mean
-
-
-def _apply(config, overrides: dict):
-  c = copy.deepcopy(config)
-  with c.unlocked():
-    for dotted, value in overrides.items():
-      node = c
-      *path, leaf = dotted.split(".")
-      for p in path:
-        if p not in node:
-          raise ValueError(f"override {dotted!r}: config has no section {p!r}")
-        node = node[p]
-      if leaf not in node:
-        raise ValueError(f"override {dotted!r}: config section has no field {leaf!r}")
-      node[leaf] = value
-  return c
 
 
 def loss_curve(workdir: str) -> np.ndarray:
@@ -86,7 +69,8 @@ def compare(config, variants: dict[str, dict], workdir: str, *, noise: str | Non
   if noise is not None and noise not in variants:
     raise ValueError(f"noise variant {noise!r} is not one of the variants {list(variants)}")
   from pathways_lite import configuration  # pylint: disable=import-outside-toplevel
-  configs = {name: _apply(config, ov) for name, ov in variants.items()}
+  configs = {name: configuration.with_overrides(config, ov, f"variant {name!r}")
+             for name, ov in variants.items()}
   for name, c in configs.items():  # every variant's config errors come before any work
     try:
       configuration.validate(c)

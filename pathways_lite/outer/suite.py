@@ -13,7 +13,6 @@ ordering, device and times) and the four comparison PNGs of outer/report.py.
 """
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -22,6 +21,7 @@ import time
 
 import jax
 
+from pathways_lite import configuration
 from pathways_lite import train as train_lib
 from pathways_lite.outer import report
 
@@ -51,17 +51,7 @@ def load_suite(name: str):
 
 def make_run_config(base, label: str, overrides: dict):
   """A copy of base with dotted overrides ("outer.lr": 0.5) applied; unknown fields raise."""
-  c = copy.deepcopy(base)
-  c.name = label
-  for key, value in overrides.items():
-    *path, leaf = key.split(".")
-    node = c
-    for p in path:
-      node = node[p]
-    if leaf not in node:
-      raise ValueError(f"suite run {label!r}: unknown config field {key!r}")
-    node[leaf] = value
-  return c
+  return configuration.with_overrides(base, {"name": label, **overrides}, f"suite run {label!r}")
 
 
 def run_suite(name: str, workdir: str, scale: str = "cpu", only: list[str] | None = None) -> str:
