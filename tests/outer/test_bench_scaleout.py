@@ -1,18 +1,14 @@
 """launch/bench_scaleout.py on 8 fake CPU devices: configs/scaleout.py:cpu shrunk to 2 islands
 x (data 1, tensor 2), 8 inner steps; every run of the bench, in process (shared compiles)."""
-import importlib.util
 import os
 
 import jax
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests import launchers
 
 
 def _module(rel, name):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, rel))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+  return launchers.load(rel, name)
 
 
 def test_bench_scaleout_cpu_smoke(tmp_path):

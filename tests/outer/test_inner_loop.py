@@ -185,11 +185,8 @@ def test_islands_overlap_when_dispatch_blocks():
 
 def test_bench_diloco_reports_the_inner_loop(make_config, devices):
   """launch/bench_diloco.py's measurement with --inner_loop=steps, in process (2 islands)."""
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(
-      "bench_diloco_under_test", os.path.join(REPO, "launch", "bench_diloco.py"))
-  bench = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(bench)
+  from tests import launchers
+  bench = launchers.load("launch/bench_diloco.py")
   r = bench.bench_workers(make_config("diloco"), 2, 2, 2, 1, devices, "steps")
   assert r["inner_loop"] == "steps" and len(r["phase_overlap_w0_w1"]) == 2
   assert sorted(r["inner_step_ms"]) == ["0", "1"] and all(v > 0 for v in r["phase_s"].values())

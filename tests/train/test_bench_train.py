@@ -1,5 +1,4 @@
 """launch/bench_train.py: the sweep's skip rules, runtime vs plain, the command line end to end."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -9,17 +8,14 @@ import time
 import pytest
 
 from pathways_lite import configuration
+from tests import launchers
 from tests.train.helpers import REPO, SMALL, TINY
 
 
 @pytest.fixture(scope="module")
 def bench():
-  """The launcher as a module (only this test file imports it: it defines absl flags)."""
-  spec = importlib.util.spec_from_file_location(
-      "bench_train_under_test", os.path.join(REPO, "launch", "bench_train.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  """The launcher as a module (its absl flags unregistered: see tests/launchers.py)."""
+  return launchers.load("launch/bench_train.py")
 
 
 def _tiny():
