@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+from pathways_lite import configuration
+
 ALGORITHMS = ("single", "ddp", "local_sgd", "diloco", "streaming", "eager", "async_local_sgd")
 INNER_OPTIMIZERS = ("adamw", "sgd")
 OUTER_OPTIMIZERS = ("sgd", "sgdm", "nesterov", "adam")
@@ -219,18 +221,8 @@ def _choice(field, value, allowed):
 
 
 def _int(field, value, lo, hi=None):
-  if isinstance(value, bool) or not isinstance(value, int) or value < lo or (
-      hi is not None and value > hi):
-    rng = f">= {lo}" + (f" and <= {hi}" if hi is not None else "")
-    raise ValueError(f"config field 'outer.{field}' must be an int {rng}, got {value!r}")
+  configuration.check_int(f"outer.{field}", value, lo, hi)
 
 
 def _num(field, value, lo, hi=None, lo_open=False, hi_open=False):
-  ok = not isinstance(value, bool) and isinstance(value, (int, float))
-  if ok:
-    ok = (value > lo if lo_open else value >= lo) and (
-        hi is None or (value < hi if hi_open else value <= hi))
-  if not ok:
-    lo_s = f"{'(' if lo_open else '['}{lo}"
-    hi_s = f"{hi if hi is not None else 'inf'}{')' if hi_open or hi is None else ']'}"
-    raise ValueError(f"config field 'outer.{field}' must be a number in {lo_s}, {hi_s}, got {value!r}")
+  configuration.check_number(f"outer.{field}", value, lo, hi, lo_open, hi_open)
