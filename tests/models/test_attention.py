@@ -1,5 +1,4 @@
 """attention(): GQA vs repeated-kv MHA, masking, positions, and impl selection errors."""
-import importlib.util
 
 import jax
 import jax.numpy as jnp
@@ -69,17 +68,3 @@ def test_cudnn_without_gpu_says_so():
   with pytest.raises(ValueError, match="GPU") as e:
     attention(*qkv(4), impl="cudnn")
   assert all(impl in str(e.value) for impl in ATTENTION_IMPLS)
-
-
-def _pallas_kernel_exists():
-  try:
-    return importlib.util.find_spec("ops.attention.api") is not None
-  except ModuleNotFoundError:
-    return False
-
-
-@pytest.mark.skipif(_pallas_kernel_exists(),
-                    reason="the Pallas attention kernel exists; its tests live in tests/ops")
-def test_pallas_before_issue_6_is_not_implemented():
-  with pytest.raises(NotImplementedError, match="issue 6"):
-    attention(*qkv(4), impl="pallas")

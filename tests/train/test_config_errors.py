@@ -112,11 +112,3 @@ def test_empty_glob_and_unreadable_file(source, tmp_path, no_compile):
   with pytest.raises(ValueError, match=r"cannot read corpus file .*dangling\.txt"):
     _run(c, tmp_path / "run")
 
-
-def test_other_outer_algorithm_routes_to_outer(source, tmp_path, no_compile):
-  from pathways_lite import outer
-  if hasattr(outer, "run"):
-    pytest.skip("pathways_lite.outer.run exists: its own tests cover the dispatch")
-  c = small_config(source, str(tmp_path / "cache"), **{"outer.algorithm": "diloco"})
-  with pytest.raises(NotImplementedError, match=r"outer\.algorithm='diloco'.*outer\.run"):
-    _run(c, tmp_path / "run")
