@@ -49,11 +49,7 @@ class Island:
             spec = PartitionSpec()
         if not isinstance(spec, PartitionSpec):
             raise TypeError(f"island {self.name!r}: sharding() takes a PartitionSpec, got {spec!r}")
-        for entry in spec:
-            for axis in (entry if isinstance(entry, tuple) else (entry,)):
-                if axis is not None and axis not in self.mesh.axis_names:
-                    raise ValueError(f"island {self.name!r}: PartitionSpec {spec} names axis {axis!r}; "
-                                     f"this island's mesh axes are {self.mesh.axis_names}")
+        check_axes(self.name, spec, self.mesh.axis_names)
         return NamedSharding(self.mesh, spec)
 
     def replicated(self) -> NamedSharding:
@@ -71,6 +67,15 @@ class Island:
     def __repr__(self):
         kind = ", virtual" if self.virtual else ""
         return f"Island({self.name!r}, {len(self.devices)} device(s){kind})"
+
+
+def check_axes(island: str, spec: PartitionSpec, axes) -> None:
+    """Raise ValueError if ``spec`` names an axis that is not one of ``axes`` (``island``'s mesh axes)."""
+    for entry in spec:
+        for axis in (entry if isinstance(entry, tuple) else (entry,)):
+            if axis is not None and axis not in axes:
+                raise ValueError(f"island {island!r}: PartitionSpec {spec} names axis {axis!r}; "
+                                 f"this island's mesh axes are {tuple(axes)}")
 
 
 def make_islands(n: int, *, devices: Sequence | None = None, devices_per_island: int | None = None,

@@ -15,6 +15,7 @@ from jax.sharding import PartitionSpec
 from pathways_lite import network
 from pathways_lite.clock import RealClock, make_clock
 from pathways_lite.futures import FINISHED, Future
+from pathways_lite.islands import check_axes
 from pathways_lite.network import Link, LinkModel
 from pathways_lite.ray_actor import DependencyFailed, Ref, SourceLost
 from pathways_lite.ray_engine import Membership, RayRealEngine, RayTrace, RayVirtualEngine
@@ -509,8 +510,4 @@ class RayRuntime(MembershipMixin):
     def _check_spec(st, spec):
         if not isinstance(spec, PartitionSpec):
             raise TypeError(f"island {st.name!r}: spec must be a PartitionSpec, got {spec!r}")
-        for entry in spec:
-            for axis in (entry if isinstance(entry, tuple) else (entry,)):
-                if axis is not None and axis not in st.spec.mesh_axes:
-                    raise ValueError(f"island {st.name!r}: PartitionSpec {spec} names axis {axis!r}; "
-                                     f"this island's mesh axes are {tuple(st.spec.mesh_axes)}")
+        check_axes(st.name, spec, st.spec.mesh_axes)
