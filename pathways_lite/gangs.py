@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import collections
 import itertools
-import math
 import threading
 
 import jax
 
+from pathways_lite.controller import _check, _Failed, _fn_name, _island_list
 from pathways_lite.futures import FINISHED, MISSING, PENDING, Future
-from pathways_lite.islands import GangResult, Island, Union
+from pathways_lite.islands import GangResult, Union
 
 
 class _Missing(Exception):
@@ -33,30 +33,8 @@ class _Missing(Exception):
         self.fut = fut
 
 
-class _Failed(Exception):
-    """An input failed: the dependant fails with ``exc``, the original exception."""
-
-    def __init__(self, exc):
-        self.exc = exc
-
-
-def _fn_name(fn):
-    return getattr(fn, "__name__", None) or type(fn).__name__
-
-
-def _check(fn, cost, what, label):
-    """Validated cost (default 1 unit of work)."""
-    if not callable(fn):
-        raise TypeError(f"{what}: fn must be callable, got {fn!r}")
-    if cost is None:
-        return 1.0
-    if not isinstance(cost, (int, float)) or not (cost >= 0 and math.isfinite(cost)):
-        raise ValueError(f"{what} {label!r}: cost must be a finite number >= 0 (units of work), got {cost!r}")
-    return cost
-
-
 class GangMixin:
-    """The gang half of Runtime (needs its _engine, _lookup, _resolve, _now)."""
+    """The gang half of Runtime (needs its _engine, _lookup, _resolve, _now and Controller's checks)."""
 
     def _init_gangs(self):
         self._gang_specs = {}
@@ -68,13 +46,8 @@ class GangMixin:
 
     def gang(self, fn, *args, islands, cost=None, name=None) -> list[Future]:
         """Run ``fn`` on every island of ``islands`` at once (collectives over GANG_AXIS)."""
-        if self._closed:
-            raise RuntimeError("Runtime.gang: the runtime is shut down; make a new Runtime")
-        t = type(islands)
-        if t is not list and t is not tuple:
-            if isinstance(islands, (str, Island)) or not hasattr(islands, "__iter__"):
-                raise TypeError(f"gang: islands must be a list of island names, got {islands!r}")
-            islands = list(islands)
+        self._check_open("gang")
+        islands = _island_list(islands)
         label = name or _fn_name(fn)
         now = self._now()
         try:

@@ -167,9 +167,6 @@ class IslandIndex:
         except TypeError:   # unhashable
             return None
 
-    def unknown(self, island) -> str:
-        return f"unknown island {island!r}; this runtime's islands are {[i.name for i in self.islands]}"
-
     def key(self, sharding) -> frozenset:
         """The (canonical) device set of ``sharding``."""
         ds = frozenset(sharding.device_set)

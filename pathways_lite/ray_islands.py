@@ -187,11 +187,6 @@ class _RayFuture(Future):
         return v
 
 
-class _Failed(Exception):
-    def __init__(self, exc):
-        self.exc = exc
-
-
 class _GangFn:
     """A gang's per-island ``fn`` as one computation over stacked per-island inputs (vmap)."""
 
@@ -223,10 +218,6 @@ class _Island:
         self.actor, self.gen, self.alive, self.info = None, 0, False, None
         self.shipped: set = set()
         self.lost: dict[int, IslandLost] = {}
-
-
-def _fn_name(fn):
-    return getattr(fn, "__name__", None) or type(fn).__name__
 
 
 def _repo_pythonpath() -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
-import math
 import threading
 import time
 import weakref
@@ -13,14 +12,15 @@ import jax
 from jax.sharding import PartitionSpec
 
 from pathways_lite import network
-from pathways_lite.clock import RealClock, make_clock
+from pathways_lite.clock import RealClock
+from pathways_lite.controller import Controller, _check, _Failed, _fn_name, _island_list
 from pathways_lite.futures import FINISHED, Future
 from pathways_lite.islands import check_axes
 from pathways_lite.network import Link, LinkModel
 from pathways_lite.ray_actor import DependencyFailed, Ref, SourceLost
 from pathways_lite.ray_engine import Membership, RayRealEngine, RayTrace, RayVirtualEngine
-from pathways_lite.ray_islands import (RayIsland, _ById, _Failed, _fn_name, _GangFn, _host_leaf, _host_tree,
-                                       _Index, _Island, _RayFuture, _repo_pythonpath, check_address)
+from pathways_lite.ray_islands import (RayIsland, _ById, _GangFn, _host_leaf, _host_tree, _Index, _Island,
+                                       _RayFuture, _repo_pythonpath, check_address)
 from pathways_lite.ray_membership import MembershipMixin, _brief
 
 log = logging.getLogger(__name__)
@@ -33,8 +33,10 @@ def _akey(aval):
     return (tdef, tuple((tuple(x.shape), x.dtype, getattr(x, "weak_type", False)) for x in leaves))
 
 
-class RayRuntime(MembershipMixin):
+class RayRuntime(MembershipMixin, Controller):
     """The controller of Ray-hosted islands; the API of ``pathways_lite.runtime.Runtime``."""
+
+    _NAME, _REMEDY, _future_cls = "RayRuntime", "make a new one", _RayFuture
 
     def __init__(self, islands, *, clock="real", links: LinkModel | None = None, trace: bool = True,
                  address: str | None = None, start_timeout_s: float = 120.0, inline_bytes: int = 1 << 16,
@@ -51,20 +53,11 @@ class RayRuntime(MembershipMixin):
         if not specs or not all(isinstance(s, RayIsland) for s in specs):
             raise ValueError(f"RayRuntime needs a non-empty list of RayIsland (or names), got {islands!r}")
         names = [s.name for s in specs]
-        if len(set(names)) != len(names):
-            raise ValueError(f"RayRuntime: island names must be distinct, got {names}")
         if not (isinstance(start_timeout_s, (int, float)) and start_timeout_s > 0):
             raise ValueError(f"RayRuntime: start_timeout_s must be a number > 0, got {start_timeout_s!r}")
         self.islands = tuple(specs)
-        clock = make_clock(clock)   # validated now; a "real" clock restarts once the islands are up
-        self.virtual = clock.kind == "virtual"
-        if self.virtual:
-            clock.validate(names)
-        links = LinkModel() if links is None else links
-        if not isinstance(links, LinkModel):
-            raise TypeError(f"RayRuntime: links must be a LinkModel or None, got {type(links).__name__}")
-        links.validate(names)
-        self.links = links
+        # validated now (also sets virtual, links); a "real" clock restarts once the islands are up
+        clock = self._setup(names, clock, links)
         self.trace = RayTrace(names) if trace else None
         self.inline_bytes = int(inline_bytes)
         self.start_timeout_s = float(start_timeout_s)
@@ -118,62 +111,18 @@ class RayRuntime(MembershipMixin):
             self._record(n, "joined", 0, f"attached to the running actor (pid {infos[n]['pid']})"
                          if attached else "start")
 
-    # -- public API ----------------------------------------------------------------------------
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.shutdown()
-
-    def now(self) -> float:
-        return self._engine.now()
-
+    # -- public API (also Controller's transfer, now, state_dict) ------------------------------
     def island(self, name) -> RayIsland:
-        st = self._st.get(name)
-        if st is None:
-            raise ValueError(self._unknown(name))
-        return st.spec
+        return super().island(name).spec
 
     def call(self, fn, *args, island, cost=None, name=None) -> Future:
         """Run ``jax.jit(fn)(*args)`` on ``island``'s actor; returns its Future at once."""
-        if self._closed:
-            raise RuntimeError("RayRuntime.call: the runtime is shut down; make a new one")
-        st = self._lookup(island)
-        fut = _RayFuture(self, st.name if st is not None else str(island), name or _fn_name(fn))
-        fut._t_enq = self._engine.now()
+        st, fut = self._new_future("call", island, name or _fn_name(fn))
+        if st is None:
+            return fut
         try:
-            if st is None:
-                raise ValueError(self._unknown(island))
-            cost = self._cost(cost, fut.name)
-            if not callable(fn):
-                raise TypeError(f"call: fn must be callable, got {fn!r}")
+            cost = _check(fn, cost, "call", fut.name)
             self._dispatch(fut, st, fn, args, cost, (st.name,))
-        except _Failed as f:
-            self._engine.fail_now(fut, f.exc)
-        except Exception as e:
-            self._engine.fail_now(fut, e)
-        return fut
-
-    def transfer(self, x, *, island, wire_dtype=None, spec=None, name=None) -> Future:
-        """``x`` (Future or host value) on ``island`` through the link; returns a Future."""
-        if self._closed:
-            raise RuntimeError("RayRuntime.transfer: the runtime is shut down; make a new one")
-        st = self._lookup(island)
-        fut = _RayFuture(self, st.name if st is not None else str(island), name or "transfer", "transfer")
-        fut._t_enq = self._engine.now()
-        try:
-            if st is None:
-                raise ValueError(self._unknown(island))
-            wire = network.canonical_wire_dtype(wire_dtype)
-            if spec is not None:
-                self._check_spec(st, spec)
-            if isinstance(x, Future):
-                self._check_future(x)
-                if x._exc is not None:
-                    raise _Failed(x._exc)
-                self._start_transfer(fut, x, None, x.island, st, wire, spec)
-            else:
-                self._start_transfer(fut, None, x, "host", st, wire, spec)
         except _Failed as f:
             self._engine.fail_now(fut, f.exc)
         except Exception as e:
@@ -182,11 +131,8 @@ class RayRuntime(MembershipMixin):
 
     def gang(self, fn, *args, islands, cost=None, name=None) -> list[Future]:
         """``fn`` per island with collectives over GANG_AXIS; runs vmapped on the first island."""
-        if self._closed:
-            raise RuntimeError("RayRuntime.gang: the runtime is shut down; make a new one")
-        if isinstance(islands, str) or not hasattr(islands, "__iter__"):
-            raise TypeError(f"gang: islands must be a list of island names, got {islands!r}")
-        islands = list(islands)
+        self._check_open("gang")
+        islands = list(_island_list(islands))
         sts = [self._lookup(i) for i in islands]
         label = name or _fn_name(fn)
         futs = [_RayFuture(self, st.name if st is not None else str(i), label, "gang")
@@ -202,9 +148,7 @@ class RayRuntime(MembershipMixin):
                     raise ValueError(self._unknown(i))
             if len({st.name for st in sts}) != len(sts):
                 raise ValueError(f"gang: islands must be distinct, got {islands}")
-            cost = self._cost(cost, label)
-            if not callable(fn):
-                raise TypeError(f"gang: fn must be callable, got {fn!r}")
+            cost = _check(fn, cost, "gang", label)
             n = len(sts)
             bcast = tuple(not (type(a) is list and len(a) == n) for a in args)
             gkey = (fn, n, bcast)
@@ -251,13 +195,6 @@ class RayRuntime(MembershipMixin):
         if self.virtual:
             return self._engine.pending()
         return [{"name": f.name, "island": f.island, "kind": f.kind} for f in list(self._engine.inflight)]
-
-    def state_dict(self) -> dict:
-        return {"clock": self.clock.state_dict(), "links": self.links.state_dict(), "pending": self.pending()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.clock.load_state_dict(state["clock"])
-        self.links.load_state_dict(state["links"])
 
     # -- dispatch ------------------------------------------------------------------------------
     def _dispatch(self, fut, st, fn, args, cost, book):
@@ -489,22 +426,6 @@ class RayRuntime(MembershipMixin):
             return self._st.get(island)
         except TypeError:
             return None
-
-    def _unknown(self, island):
-        return f"unknown island {island!r}; this runtime's islands are {list(self._st)}"
-
-    def _check_future(self, a):
-        if a._rt is not self:
-            raise ValueError(f"Future {a.name!r} belongs to another Runtime; futures work only within "
-                             "the runtime that made them (pass its result() instead)")
-
-    @staticmethod
-    def _cost(cost, label):
-        if cost is None:
-            return 1.0
-        if isinstance(cost, bool) or not isinstance(cost, (int, float)) or not (cost >= 0 and math.isfinite(cost)):
-            raise ValueError(f"call {label!r}: cost must be a finite number >= 0 (units of work), got {cost!r}")
-        return float(cost)
 
     @staticmethod
     def _check_spec(st, spec):

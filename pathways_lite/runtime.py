@@ -52,10 +52,10 @@ from threading import get_ident
 import jax
 
 from pathways_lite import network
-from pathways_lite.clock import make_clock
+from pathways_lite.controller import Controller, _check, _Failed, _fn_name
 from pathways_lite.dispatch import DispatchPolicy
 from pathways_lite.futures import CANCELLED, FINISHED, MISSING, PENDING, Future
-from pathways_lite.gangs import GangMixin, _check, _Failed, _fn_name, _Missing
+from pathways_lite.gangs import GangMixin, _Missing
 from pathways_lite.islands import GANG_AXIS, Island, IslandIndex
 from pathways_lite.network import LinkModel
 from pathways_lite.real_engine import RealEngine
@@ -87,8 +87,8 @@ def _stop_live_runtimes():
         rt._engine.stop(2.0)
 
 
-class Runtime(GangMixin):
-    """The controller of ``islands`` (see the module docstring)."""
+class Runtime(GangMixin, Controller):
+    """The controller of ``islands`` (see the module docstring; its checks: ``controller.py``)."""
 
     def __init__(self, islands, *, clock="real", links: LinkModel | None = None, trace: bool = True,
                  dispatch: str = "auto"):
@@ -96,21 +96,10 @@ class Runtime(GangMixin):
         if not islands or not all(isinstance(i, Island) for i in islands):
             raise ValueError(f"Runtime needs a non-empty list of Islands (see make_islands), got {islands!r}")
         names = [i.name for i in islands]
-        if len(set(names)) != len(names):
-            raise ValueError(f"Runtime: island names must be distinct, got {names}")
         if "host" in names:
             raise ValueError("Runtime: 'host' is reserved for host values; rename that island")
         self.islands = tuple(islands)
-        self.clock = make_clock(clock)
-        self.virtual = self.clock.kind == "virtual"
-        if self.virtual:
-            self.clock.validate(names)
-        if links is None:
-            links = LinkModel()
-        if not isinstance(links, LinkModel):
-            raise TypeError(f"Runtime: links must be a LinkModel or None, got {type(links).__name__}")
-        links.validate(names)
-        self.links = links
+        self.clock = self._setup(names, clock, links)   # also sets virtual, links
         self.trace = Trace(names) if trace else None
         engine_cls = VirtualEngine if self.virtual else RealEngine
         self._engine = engine_cls(self.clock, self.trace)
@@ -130,23 +119,7 @@ class Runtime(GangMixin):
         self._closed = False
         _LIVE.add(self)
 
-    # -- public API ----------------------------------------------------------------------------
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.shutdown()
-
-    def now(self) -> float:
-        """Current time of the runtime's clock (simulated seconds under the virtual clock)."""
-        return self._engine.now()
-
-    def island(self, name) -> Island:
-        isl = self._lookup(name)
-        if isl is None:
-            raise ValueError(self._unknown(name))
-        return isl
-
+    # -- public API (also Controller's transfer, island, now, state_dict) ----------------------
     def call(self, fn, *args, island, cost=None, name=None) -> Future:
         """Run ``jax.jit(fn)(*args)`` on ``island``; returns its Future at once."""
         # Fast path (a call seen before; every argument a Future of this island with its value,
@@ -195,14 +168,10 @@ class Runtime(GangMixin):
 
     def _call(self, fn, args, island, cost, name):
         """The general path of :meth:`call`."""
-        if self._closed:
-            raise RuntimeError("Runtime.call: the runtime is shut down; make a new Runtime")
-        isl = self._lookup(island)
-        fut = Future(self, isl.name if isl is not None else str(island), name or _fn_name(fn))
-        fut._t_enq = self._now()
+        isl, fut = self._new_future("call", island, name or _fn_name(fn))
+        if isl is None:
+            return fut
         try:
-            if isl is None:
-                raise ValueError(self._unknown(island))
             cost = _check(fn, cost, "call", fut.name)
         except Exception as e:
             return self._engine.fail_now(fut, e)
@@ -230,33 +199,6 @@ class Runtime(GangMixin):
             if key[0] is fn and ent[0] == iname:
                 self._fast.pop(key, None)
 
-    def transfer(self, x, *, island, wire_dtype=None, spec=None, name=None) -> Future:
-        """``x`` (Future, array or host value) on ``island`` through the link; returns a Future."""
-        if self._closed:
-            raise RuntimeError("Runtime.transfer: the runtime is shut down; make a new Runtime")
-        isl = self._lookup(island)
-        fut = Future(self, isl.name if isl is not None else str(island), name or "transfer", "transfer")
-        fut._t_enq = self._engine.now()
-        try:
-            if isl is None:
-                raise ValueError(self._unknown(island))
-            wire = network.canonical_wire_dtype(wire_dtype)
-            if spec is not None:
-                isl.sharding(spec)  # validates the spec against the island's mesh
-            if isinstance(x, Future):
-                self._check_future(x)
-                if x._exc is not None:
-                    raise _Failed(x._exc)
-                self._start_transfer(fut, x, None, x.island, isl, wire, spec)
-            else:
-                src = self._index.owner(x) if isinstance(x, jax.Array) else None
-                self._start_transfer(fut, None, x, src.name if src else "host", isl, wire, spec)
-        except _Failed as f:
-            self._engine.fail_now(fut, f.exc)
-        except Exception as e:
-            self._engine.fail_now(fut, e)
-        return fut
-
     def shutdown(self, wait: bool = True, cancel_pending: bool = False) -> None:
         """Finish (``wait``) or abandon in-flight work and stop the runtime's threads."""
         if self._closed:
@@ -277,15 +219,6 @@ class Runtime(GangMixin):
         if self.virtual:
             return self._engine.pending()
         return [{"name": f.name, "island": f.island, "kind": f.kind} for f in list(self._engine.deferred)]
-
-    def state_dict(self) -> dict:
-        """Clock time, per-island/link busy-until, link byte counters and what is in flight."""
-        return {"clock": self.clock.state_dict(), "links": self.links.state_dict(), "pending": self.pending()}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restore clock and link counters (into a runtime with nothing in flight)."""
-        self.clock.load_state_dict(state["clock"])
-        self.links.load_state_dict(state["links"])
 
     # -- calls ---------------------------------------------------------------------------------
     def _run_call(self, fut, job):
@@ -405,15 +338,6 @@ class Runtime(GangMixin):
         deps.append(a)
         return v
 
-    def _check_future(self, a):
-        if a._rt is self:
-            return
-        if a._rt._closed:
-            raise ValueError(f"Future {a.name!r} belongs to a Runtime that was shut down; "
-                             "pass its result() (arrays) to this runtime instead")
-        raise ValueError(f"Future {a.name!r} belongs to another Runtime; futures work only "
-                         "within the runtime that made them (pass its result() instead)")
-
     def _place(self, x, isl, deps, memo):
         """A non-Future leaf on ``isl``: arrays of another island go through the link."""
         if isinstance(x, jax.Array):
@@ -436,8 +360,14 @@ class Runtime(GangMixin):
     def _lookup(self, island):
         return self._index.lookup(island)
 
-    def _unknown(self, island):
-        return self._index.unknown(island)
+    def _holder(self, x):
+        """The island holding array ``x``'s value to transfer ("host" for host values)."""
+        src = self._index.owner(x) if isinstance(x, jax.Array) else None
+        return src.name if src else "host"
+
+    @staticmethod
+    def _check_spec(isl, spec):
+        isl.sharding(spec)  # validates the spec against the island's mesh
 
     # -- transfers -----------------------------------------------------------------------------
     def _copy(self, src, isl):

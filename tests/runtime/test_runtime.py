@@ -143,6 +143,7 @@ def test_bad_input_is_carried_by_the_future(rt4, islands4):
         f.result()
     assert isinstance(rt4.call(add1, 1.0, island=["island0"]).exception(), ValueError)
     assert "cost" in str(rt4.call(add1, 1.0, island="island0", cost=-1).exception())
+    assert "cost" in str(rt4.call(add1, 1.0, island="island0", cost=True).exception())   # as RayRuntime
     assert "callable" in str(rt4.call(3, 1.0, island="island0").exception())
     assert "functools.partial" in str(rt4.call(add, 1.0, "x", island="island0").exception())
     shape = rt4.call(add, np.ones(3), np.ones(4), island="island0").exception()
