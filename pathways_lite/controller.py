@@ -3,15 +3,16 @@
 Both take the same arguments and fail the same way, so their checks are
 written here once. A shut-down runtime raises at once; anything else wrong with
 a call, transfer or gang (an unknown island, a ``fn`` that is not callable, a
-bad ``cost``, ``wire_dtype`` or ``spec``, a failed input or a Future of another
-runtime) fails the Future it returns. :class:`Controller` also holds the public
-API that is the same for both: ``transfer``, ``island``, ``now``,
-``state_dict`` / ``load_state_dict`` and the context manager.
+bad ``cost``, ``wire_dtype`` or ``spec``, an argument that is no array, number
+or Future, a failed input or a Future of another runtime) fails the Future it
+returns. :class:`Controller` also holds the public API that is the same for
+both: ``transfer``, ``island``, ``now``, ``state_dict`` / ``load_state_dict``
+and the context manager.
 
 A subclass names itself in its messages (``_NAME``, ``_REMEDY``), makes
 Futures of ``_future_cls`` and provides ``islands``, ``clock``, ``_engine``,
-``_closed``, ``_lookup(island)`` (None if unknown), ``_check_spec(isl, spec)``
-and ``_start_transfer``.
+``_closed``, ``_lookup(island)`` (None if unknown), ``_check_spec(isl, spec)``,
+``_start_transfer``, ``pending`` and ``shutdown``.
 """
 from __future__ import annotations
 
@@ -43,6 +44,14 @@ def _check(fn, cost, what, label):
     if isinstance(cost, bool) or not isinstance(cost, (int, float)) or not (cost >= 0 and math.isfinite(cost)):
         raise ValueError(f"{what} {label!r}: cost must be a finite number >= 0 (units of work), got {cost!r}")
     return float(cost)
+
+
+def _check_leaf(x, island):
+    """Raise TypeError for an argument leaf that cannot be placed on ``island`` (a name)."""
+    if isinstance(x, (str, bytes)) or x is None or callable(x):
+        raise TypeError(f"argument leaf {x!r} of type {type(x).__name__} cannot be placed on island "
+                        f"{island!r}; pass arrays, numbers or Futures (bind static values with "
+                        "functools.partial)")
 
 
 def _island_list(islands):

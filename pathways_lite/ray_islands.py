@@ -72,6 +72,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pathways_lite.controller import _check_leaf
 from pathways_lite.futures import MISSING, Future
 from pathways_lite.islands import GANG_AXIS
 
@@ -266,10 +267,7 @@ def _host_leaf(x, island):
         return x, ("h", x.shape, x.dtype)
     if isinstance(x, _SCALARS):
         return x, ("s", type(x))
-    if isinstance(x, (str, bytes)) or x is None or callable(x):
-        raise TypeError(f"argument leaf {x!r} of type {type(x).__name__} cannot be placed on island "
-                        f"{island!r}; pass arrays, numbers or Futures (bind static values with "
-                        "functools.partial)")
+    _check_leaf(x, island)
     x = np.asarray(x)
     return x, ("h", x.shape, x.dtype)
 

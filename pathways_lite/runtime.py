@@ -52,7 +52,7 @@ from threading import get_ident
 import jax
 
 from pathways_lite import network
-from pathways_lite.controller import Controller, _check, _Failed, _fn_name
+from pathways_lite.controller import Controller, _check, _check_leaf, _Failed, _fn_name
 from pathways_lite.dispatch import DispatchPolicy
 from pathways_lite.futures import CANCELLED, FINISHED, MISSING, PENDING, Future
 from pathways_lite.gangs import GangMixin, _Missing
@@ -351,10 +351,8 @@ class Runtime(GangMixin, Controller):
                 memo[(id(x), isl.name)] = (x, t)     # holding x keeps its id unique
                 self._start_transfer(t, None, x, src.name, isl, None, None)
                 return self._future_value(t, isl, deps)
-        elif isinstance(x, (str, bytes)) or x is None or callable(x):
-            raise TypeError(f"argument leaf {x!r} of type {type(x).__name__} cannot be placed on island "
-                            f"{isl.name!r}; pass arrays, numbers or Futures (bind static values with "
-                            "functools.partial)")
+        else:
+            _check_leaf(x, isl.name)
         return jax.device_put(x, isl.replicated())
 
     def _lookup(self, island):
