@@ -389,7 +389,7 @@ def section_ddp(res):
   from pathways_lite import train as train_lib
   from pathways_lite.islands import Union, make_islands
   from pathways_lite.outer import run_with_state
-  from pathways_lite.outer.common import resolve
+  from pathways_lite.outer.snapshot import resolve
   from pathways_lite.outer.ddp_collective import initial_carry, make_ddp_step
   from pathways_lite.outer.inner import Inner
   n = 2 if len(jax.devices()) >= 2 else 1

@@ -94,7 +94,7 @@ def bench_workers(config, M: int, H: int, outer_steps: int, warmup: int, devices
                   inner_loop: str = "auto") -> dict:
   from pathways_lite import configuration
   from pathways_lite.outer import run_with_state
-  from pathways_lite.outer.common import SERVER, worker_name
+  from pathways_lite.outer.topology import SERVER, worker_name
 
   n_outer = warmup + outer_steps
   c = diloco_config(config, M, H, n_outer, inner_loop)

@@ -17,9 +17,9 @@ import pytest
 from pathways_lite.islands import make_islands
 from pathways_lite.metrics import read_metrics
 from pathways_lite.outer import run_with_state
-from pathways_lite.outer.common import resolve
 from pathways_lite.outer.driver import check
 from pathways_lite.outer.inner import resolve_inner_loop
+from pathways_lite.outer.snapshot import resolve
 from pathways_lite.runtime import Runtime
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
