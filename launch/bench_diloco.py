@@ -78,23 +78,18 @@ def diloco_config(config, M: int, H: int, n_outer: int, inner_loop: str = "auto"
   return c
 
 
-def phase_intervals(spans, island: str) -> dict[int, tuple[float, float]]:
+def phase_intervals(trace, island: str) -> dict[int, tuple[float, float]]:
   """Outer step -> (start, end) of `island`'s phase: its calls named "phase <t>..." (the scan
   call, or restart + H steps + delta); the phase's batch transfer is not counted."""
-  iv = {}
-  for s in spans:
-    if s.island == island and s.name.startswith("phase ") and s.kind != "transfer":
-      t = int(s.name.split()[1])
-      a, b = iv.get(t, (s.t_start, s.t_end))
-      iv[t] = (min(a, s.t_start), max(b, s.t_end))
-  return iv
+  return trace.intervals(island, lambda s: int(s.name.split()[1])
+                         if s.name.startswith("phase ") else None)
 
 
 def bench_workers(config, M: int, H: int, outer_steps: int, warmup: int, devices,
                   inner_loop: str = "auto") -> dict:
   from pathways_lite import configuration
   from pathways_lite.outer import run_with_state
-  from pathways_lite.outer.common import SERVER, worker_name
+  from pathways_lite.outer.topology import SERVER, worker_name
 
   n_outer = warmup + outer_steps
   c = diloco_config(config, M, H, n_outer, inner_loop)
@@ -111,7 +106,7 @@ def bench_workers(config, M: int, H: int, outer_steps: int, warmup: int, devices
   tokens = outer_steps * M * H * c.data.batch_size * c.data.seq_len
   outer_s = [ends[t] - ends[t - 1] for t in range(warmup, n_outer)]
   phase_s, overlap = {}, []
-  ivs = [phase_intervals(spans, worker_name(w)) for w in range(M)]
+  ivs = [phase_intervals(run.rt.trace, worker_name(w)) for w in range(M)]
   for w in range(M):
     phase_s[w] = statistics.mean(b - a for t, (a, b) in ivs[w].items() if t >= warmup)
   if M > 1:   # how much of the shorter phase of workers 0 and 1 ran at the same time

@@ -25,6 +25,7 @@ loss_vs_ddp = final val loss / ddp's (same tokens). Prints one JSON (emit_json);
 --workdir each run writes its outputs there (trace.json, trace.png, metrics, plots).
 """
 import copy
+import itertools
 import os
 import re
 import sys
@@ -59,26 +60,20 @@ def variant(config, name: str):
   return c
 
 
-def intervals(spans, island: str, algorithm: str, H: int):
+def intervals(trace, island: str, algorithm: str, H: int):
   """[(end inner step, t_start, t_end)] of `island`'s compute, in order."""
-  iv = {}
-  n = 0
-  for s in spans:
-    if s.island != island or s.kind == "transfer" or s.status != "ok":
-      continue
-    if algorithm == "ddp":
-      if s.name != "grads":
-        continue
-      n += 1
-      key = n
-    else:
+  if algorithm == "ddp":   # the n-th gradient step ends inner step n
+    n = itertools.count(1)
+
+    def key(s):
+      return next(n) if s.name == "grads" else None
+  else:
+    def key(s):
       m = (_PHASE if algorithm == "diloco" else _STEPS).match(s.name)
       if not m:
-        continue
-      key = (int(m.group(1)) + 1) * H if algorithm == "diloco" else int(m.group(1))
-    a, b = iv.get(key, (s.t_start, s.t_end))
-    iv[key] = (min(a, s.t_start), max(b, s.t_end))
-  return [(k, a, b) for k, (a, b) in sorted(iv.items())]
+        return None
+      return (int(m.group(1)) + 1) * H if algorithm == "diloco" else int(m.group(1))
+  return [(k, a, b) for k, (a, b) in trace.intervals(island, key).items()]
 
 
 def measure(run, summary, algorithm: str, warmup_steps: int) -> dict:
@@ -92,7 +87,7 @@ def measure(run, summary, algorithm: str, warmup_steps: int) -> dict:
   per_worker, starts, ends, overhead, syncs = {}, [], [], [], summary.get("syncs") or 0
   tps = 0.0
   for w, isl in enumerate(run.workers):
-    iv = intervals(spans, isl, algorithm, run.H)
+    iv = intervals(trace, isl, algorithm, run.H)
     done = [e for e in iv if e[0] <= warmup_steps]
     timed = [e for e in iv if e[0] > warmup_steps]
     if not done or not timed:

@@ -25,7 +25,7 @@ runtime.replace_lost       outer loops: a lost island is replaced by a fresh act
 
 ``make_runtime_from_config(config.runtime, names, clock=..., links=...)`` is
 what a launcher calls; a loop that already builds a local Runtime (the outer
-loops' ``common.make_runtime``) wraps it: ``from_local(config.runtime, rt)``
+loops' ``topology.make_runtime``) wraps it: ``from_local(config.runtime, rt)``
 returns it unchanged for "local" and Ray islands with the same names, clock
 and links for "ray". The loops keep calling ``rt.call`` etc. unchanged.
 """
@@ -173,7 +173,7 @@ def island_specs(runtime, *, num_cpus: float = 1.0, num_gpus: float = 0.0,
 def ray_like(runtime, *, num_cpus: float = 1.0, num_gpus: float = 0.0,
              island_gpus: dict | None = None, **ray_kwargs):
     """A RayRuntime with the islands (names, device counts, mesh axes), clock and links of a local
-    ``Runtime``: how a loop that builds a local runtime (``outer.common.make_runtime``) runs on
+    ``Runtime``: how a loop that builds a local runtime (``outer.topology.make_runtime``) runs on
     Ray instead, unchanged. ``island_gpus`` {name: GPUs} overrides ``num_gpus`` per island.
     The local runtime stays usable; shut it down when done with it."""
     from pathways_lite.clock import VirtualClock

@@ -5,6 +5,7 @@
     rt.trace.write("trace.json")      # open in https://ui.perfetto.dev or chrome://tracing
     rt.trace.plot("trace.png")        # Gantt chart: one row per island, transfers as arrows
     rt.trace.utilization("island0")   # busy fraction of the traced window
+    rt.trace.intervals("island0", key)  # {group: (start, end)} of its calls grouped by key(span)
     rt.trace.events()                 # [Event(kind, name, island, t, fid, nbytes, peer, status)]
 
 Every piece of work is recorded once, when it finishes, as a :class:`Span`
@@ -104,6 +105,26 @@ class Trace:
         if cur_e is not None:
             total += cur_e - cur_s
         return total
+
+    def intervals(self, island: str, key) -> dict:
+        """``island``'s finished compute grouped by ``key``: {group: (first start, last end)},
+        in group order.
+
+        Calls and gangs with status "ok" count, transfers do not. ``key(span)`` names a span's
+        group (hashable and sortable; None leaves the span out) and is called once per such
+        span, in recording order (so it may count them). A group's spans make one interval
+        whether they overlap, touch or leave gaps (e.g. an outer step's phase: its restart,
+        inner steps and delta); ``busy`` is the time actually spent computing."""
+        iv = {}
+        for s in list(self.spans):
+            if s.island != island or s.kind == "transfer" or s.status != "ok":
+                continue
+            k = key(s)
+            if k is None:
+                continue
+            a, b = iv.get(k, (s.t_start, s.t_end))
+            iv[k] = (min(a, s.t_start), max(b, s.t_end))
+        return dict(sorted(iv.items()))
 
     def utilization(self, island: str, t0: float | None = None, t1: float | None = None) -> float:
         """Busy fraction of ``island`` in [t0, t1] (default: first start to last end of the trace)."""

@@ -4,8 +4,9 @@
     summary = outer.run(config, workdir)        # config.outer.algorithm picks the loop
 
 Modules: config (OuterConfig, the `outer` config section), rules (pure update
-rules), fragments (streaming fragments), inner (jitted inner phases), common
-(the run context: islands, runtime, data, logging, state), one module per
+rules), fragments (streaming fragments), inner (jitted inner phases), topology
+(the run's islands and runtime), common (the run context: data, logging,
+state), snapshot (that state to a checkpoint and back), one module per
 algorithm, driver (the entry), report (plots and tables).
 """
 from pathways_lite.outer.config import ALGORITHMS, OuterConfig

@@ -31,8 +31,9 @@ import jax.numpy as jnp
 
 from pathways_lite.futures import ALL_COMPLETED, FIRST_COMPLETED, wait
 from pathways_lite.outer import rules
-from pathways_lite.outer.common import SERVER, Run, memo, wire
+from pathways_lite.outer.common import Run, memo, wire
 from pathways_lite.outer.inner import pick0, pick1, pick2
+from pathways_lite.outer.topology import SERVER
 from pathways_lite.ray_elastic import Elastic, IslandLost
 
 finite_fn = jax.jit(rules.tree_is_finite)

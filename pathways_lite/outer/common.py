@@ -1,27 +1,16 @@
-"""What every outer loop shares: the run context (`Run`), islands + runtime, data, logging.
+"""What every outer loop shares: the run context (`Run`: data, logging, state) and compile memo.
 
-Islands: one per worker (`worker<w>`) plus `server`, where the outer
-optimizer runs. `outer.islands="virtual"`: all share the first device
-(time-sliced; M workers on one CPU or GPU). `"devices"`: worker w gets device
-w mod D; the server shares the device of worker `outer.outer_island`.
-Islands of several devices (`outer.island_data` x `outer.island_tensor` = k >
-1, "devices" only): worker w gets devices [w*k, (w+1)*k) as a mesh with the
-model's axes (data, fsdp=1, tensor; models/sharding.py), and the server the
-same devices and mesh as worker `outer.outer_island` (one mesh shape for every
-island, so a transfer keeps an array's PartitionSpec: global params and
-pseudo-gradients stay sharded like the workers' params, and the outer update
-runs sharded). The inner computations run on the island's mesh
-(`Run.inner_on`, outer/inner.py).
-Clock: `outer.clock="virtual"` gives worker w the speed `outer.step_time_s[w]`
-simulated seconds per inner step (a phase of H steps costs H units) and the
-server speed 0 (the outer update is instant); links carry
-`outer.link_bandwidth_gbps` / `outer.link_latency_s` between every pair.
+A Run holds one run's islands and runtime (outer/topology.py: one island per
+worker plus `server`, the clock and links), its data iterators, the compiled
+inner pieces (outer/inner.py) and the metrics writer; loops call it to place
+values on islands, read batches, log, evaluate and commit their state.
 
 State (`Run.state_dict`) is two parts, as `pathways_lite.checkpoint` saves it:
 arrays (a pytree of arrays: global params, outer optimizer state, per-worker
 TrainStates, algorithm extras such as DN buffers or delayed deltas, RNG) and
 meta (JSON: step counters, data iterator positions, clock and link counters,
-rejected pseudo-gradients, bookkeeping).
+rejected pseudo-gradients, bookkeeping). Taking it to a checkpoint and back,
+Futures included, is outer/snapshot.py.
 """
 from __future__ import annotations
 
@@ -32,81 +21,21 @@ import time
 
 import jax
 import numpy as np
-from jax.sharding import Mesh
 
 from models import utils as model_utils
 from pathways_lite import configuration
 from pathways_lite import data as data_lib
-from pathways_lite.clock import VirtualClock
-from pathways_lite.futures import FINISHED, MISSING, Future
-from pathways_lite.islands import Island, make_islands
+from pathways_lite.futures import Future
 from pathways_lite import metrics as metrics_lib
 from pathways_lite.metrics import MetricsWriter
-from pathways_lite.network import Link, LinkModel
 from pathways_lite.outer import rules
 from pathways_lite.outer.config import OuterConfig, check_island_mesh
 from pathways_lite.outer.inner import make_inner
+from pathways_lite.outer.snapshot import ckpt_state, place_restored, resolve
+from pathways_lite.outer.topology import SERVER, make_runtime, worker_name
 from pathways_lite.ray_backends import from_local
-from pathways_lite.runtime import Runtime
 
 log = logging.getLogger(__name__)
-SERVER = "server"
-
-
-def worker_name(w: int) -> str:
-  return f"worker{w}"
-
-
-def make_run_islands(ocfg: OuterConfig, devices=None) -> list[Island]:
-  devices = list(jax.devices() if devices is None else devices)
-  M = ocfg.num_workers
-  names = [worker_name(w) for w in range(M)] + [SERVER]
-  if ocfg.island_devices > 1:
-    return _mesh_islands(ocfg, devices, names)
-  if ocfg.islands == "virtual":
-    return make_islands(M + 1, virtual=True, devices=devices[:1], names=names)
-  islands = []
-  shared = {}
-  for w in range(M):
-    shared.setdefault(w % len(devices), []).append(w)
-  for w in range(M):
-    d = devices[w % len(devices)]
-    islands.append(Island(names[w], (d,), Mesh(np.array([d], dtype=object), ("data",)),
-                          len(shared[w % len(devices)]) > 1))
-  d = devices[ocfg.outer_island % len(devices)]
-  islands.append(Island(SERVER, (d,), Mesh(np.array([d], dtype=object), ("data",)), True))
-  return islands
-
-
-def _mesh_islands(ocfg: OuterConfig, devices, names) -> list[Island]:
-  """Worker w: devices [w*k, (w+1)*k) as a (data, fsdp=1, tensor) mesh; the server: worker
-  outer_island's devices and mesh (a separate Island object, marked shared)."""
-  from models.sharding import make_mesh
-  k, M = ocfg.island_devices, ocfg.num_workers
-  if M * k > len(devices):
-    raise ValueError(f"config field 'outer.island_data'/'outer.island_tensor': {M} islands x {k} "
-                     f"devices need {M * k} devices, only {len(devices)} available")
-  islands = []
-  for w in range(M):
-    devs = devices[w * k:(w + 1) * k]
-    islands.append(Island(names[w], tuple(devs),
-                          make_mesh(devs, data=ocfg.island_data, tensor=ocfg.island_tensor)))
-  host = islands[ocfg.outer_island]
-  islands.append(Island(SERVER, host.devices, host.mesh, True))
-  return islands
-
-
-def make_runtime(ocfg: OuterConfig, devices=None) -> Runtime:
-  islands = make_run_islands(ocfg, devices)
-  if ocfg.clock == "virtual":
-    speeds = {worker_name(w): t for w, t in enumerate(ocfg.step_times)}
-    speeds[SERVER] = 0.0
-    clock = VirtualClock(speeds=speeds)
-  else:
-    clock = "real"
-  bw = ocfg.link_bandwidth_gbps * 1e9 / 8 if ocfg.link_bandwidth_gbps > 0 else math.inf
-  links = LinkModel(default=Link(bandwidth_bytes_per_s=bw, latency_s=ocfg.link_latency_s))
-  return Runtime(islands, clock=clock, links=links, trace=True)
 
 
 _MEMO: dict = {}
@@ -335,7 +264,7 @@ class Run:
       self.writer.close()
       metrics_lib.truncate_to(self.workdir, self.records)
       self.writer = MetricsWriter(self.workdir, append=True)
-    arrays = _place(self.rt, arrays, like, meta.get("futures", {}))
+    arrays = place_restored(self.rt, arrays, like, meta.get("futures", {}))
     self.state = {"arrays": arrays, "meta": meta}
     return arrays, meta
 
@@ -387,127 +316,3 @@ class Preempted(Exception):
   def __init__(self, step: int):
     super().__init__(f"preempted at step {step}")
     self.step = step
-
-
-def _is_future(x) -> bool:
-  return isinstance(x, Future)
-
-
-def ckpt_state(rt, state: dict) -> tuple[dict, dict]:
-  """(arrays, meta) to save from a commit, without changing the run's schedule.
-
-  Under the virtual clock every Future already holds its value (dispatch is
-  eager; only its delivery waits for simulated time), so the values are taken
-  without waiting (waiting would deliver events early and change what a later
-  `wait` returns). Each Future is recorded in meta["futures"] by its tree path
-  with its island, times and queue position, to be recreated on resume.
-  The real clock waits for the values.
-  """
-  meta = json.loads(json.dumps(state["meta"]))
-  leaves, tdef = jax.tree_util.tree_flatten_with_path(state["arrays"], is_leaf=_is_future)
-  seq = {}
-  if rt.virtual:
-    seq = {id(f): s for _, s, f in rt.clock.pending()}
-  futures, values = {}, []
-  for path, x in leaves:
-    if isinstance(x, Future):
-      if rt.virtual and x._exc is None and x._get_value() is not MISSING:
-        v = x._get_value()
-      else:
-        v = x.result()
-      futures[_norm(path)] = {
-          "island": x.island, "name": x.name, "times": list(x.times),
-          "pending": x._state < FINISHED, "seq": seq.get(id(x), -1)}
-      x = v
-    values.append(x)
-  if rt.virtual:  # clock and links as they are now (the commit's may predate dispatches)
-    meta["runtime"] = {"clock": rt.clock.state_dict(), "links": rt.links.state_dict()}
-  meta["futures"] = futures
-  return jax.tree_util.tree_unflatten(tdef, values), meta
-
-
-def _norm(path) -> str:
-  """A tree path as "a/b/0" (dict keys, attribute names and list indices alike)."""
-  parts = []
-  for k in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-    else:
-      parts.append(str(k))
-  return "/".join(parts)
-
-
-def _place(rt, arrays, like, futures: dict):
-  """Restored arrays -> onto like's structure and shardings (or their island's); Futures recreated."""
-  import jax.numpy as jnp
-  from pathways_lite import network
-
-  like_by_path = {}
-  if like is not None:
-    for path, x in jax.tree_util.tree_flatten_with_path(like, is_leaf=_is_future)[0]:
-      like_by_path[_norm(path)] = x
-  made = []
-
-  def put(value, target, island):
-    if isinstance(target, Future):
-      target = target.result()
-    isl = rt.island(island) if island is not None else None
-    if target is not None:   # the fresh state's structure (dataclasses, tuples) and shardings
-      got = {_norm(p): v for p, v in jax.tree_util.tree_flatten_with_path(value)[0]}
-      tl, tdef = jax.tree_util.tree_flatten_with_path(target)
-      out = []
-      for p, t in tl:
-        v = got.pop(_norm(p))
-        if isinstance(t, jax.Array):
-          sh = t.sharding
-          # A Future's value lives on its island (the fresh one may be an uncommitted array
-          # on the default device, e.g. an optimizer's zeros).
-          if isl is not None and set(sh.device_set) != set(isl.devices):
-            sh = network.target_sharding(t, isl)
-          v = jax.device_put(jnp.asarray(v, dtype=t.dtype), sh)
-        out.append(v)
-      if got:
-        raise ValueError(f"checkpoint leaves {sorted(got)[:5]} are not in the run's state")
-      return jax.tree_util.tree_unflatten(tdef, out)
-    if island is None:
-      return value
-    return jax.tree.map(lambda v: jax.device_put(v, network.target_sharding(v, rt.island(island))),
-                        value)
-
-  def walk(x, path):
-    key = "/".join(path)
-    if key in futures:
-      info = futures[key]
-      v = put(x, like_by_path.get(key), info["island"])
-      f = Future(rt, info["island"], info["name"])
-      f._value = v
-      f._parents = ()
-      f._t_enq, f._t_start, f._t_end = info["times"]
-      made.append((0 if not info["pending"] else 1, info["seq"], len(made), f))
-      return f
-    if key in like_by_path:
-      return put(x, like_by_path[key], None)
-    if isinstance(x, dict):
-      if x and all(str(k).isdigit() for k in x):   # a list saved by Orbax as {"0": ...}
-        x = [x[k] for k in sorted(x, key=int)]
-      else:
-        return {k: walk(v, path + (str(k),)) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-      return type(x)(walk(v, path + (str(i),)) for i, v in enumerate(x))
-    return x
-
-  out = walk(arrays, ())
-  for _, _, _, f in sorted(made, key=lambda e: e[:3]):
-    if rt.virtual:   # delivered in their original order (finished ones first, at once)
-      rt.clock.push(f._t_end, f)
-    else:
-      rt._engine.finish(f, None)
-  return out
-
-
-def resolve(tree):
-  """Futures inside a pytree -> their values (host wait)."""
-  return jax.tree.map(lambda x: x.result() if isinstance(x, Future) else x, tree,
-                      is_leaf=lambda x: isinstance(x, Future))

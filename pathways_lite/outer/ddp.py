@@ -17,8 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from pathways_lite.outer import rules
-from pathways_lite.outer.common import SERVER, Run, memo, wire
+from pathways_lite.outer.common import Run, memo, wire
 from pathways_lite.outer.inner import pick0, pick1, pick_params
+from pathways_lite.outer.topology import SERVER
 
 
 def make_ddp_update(inner):

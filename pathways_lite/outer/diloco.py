@@ -28,9 +28,10 @@ import optax
 
 from pathways_lite import network
 from pathways_lite.outer import rules
-from pathways_lite.outer.common import SERVER, Run, memo, outer_optimizer, wire, zeros_f32
+from pathways_lite.outer.common import Run, memo, outer_optimizer, wire, zeros_f32
 from pathways_lite.outer.inner import (pick0, pick1, pick2, pick_delta, pick_state, pick_summary,
                                        resolve_inner_loop)
+from pathways_lite.outer.topology import SERVER
 from pathways_lite.ray_elastic import Elastic
 
 

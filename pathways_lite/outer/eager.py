@@ -27,8 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from pathways_lite.outer import rules
-from pathways_lite.outer.common import SERVER, Run, memo, wire, zeros_f32
+from pathways_lite.outer.common import Run, memo, wire, zeros_f32
 from pathways_lite.outer.inner import pick0, pick1, pick2, pick_params
+from pathways_lite.outer.topology import SERVER
 from pathways_lite.ray_elastic import Elastic
 
 

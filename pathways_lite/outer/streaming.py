@@ -22,9 +22,10 @@ import numpy as np
 
 from pathways_lite import network
 from pathways_lite.outer import fragments, rules
-from pathways_lite.outer.common import SERVER, Run, memo, wire, zeros_f32
+from pathways_lite.outer.common import Run, memo, wire, zeros_f32
 from pathways_lite.outer.diloco import make_outer_update
 from pathways_lite.outer.inner import pick0, pick1, pick2, pick_params
+from pathways_lite.outer.topology import SERVER
 from pathways_lite.ray_elastic import Elastic
 
 

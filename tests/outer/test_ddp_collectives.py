@@ -10,8 +10,8 @@ import pytest
 from pathways_lite import Runtime, make_islands
 from pathways_lite import train as train_lib
 from pathways_lite.outer import OuterConfig, run_with_state
-from pathways_lite.outer.common import resolve
 from pathways_lite.outer.ddp_collective import initial_carry, make_collective_step
+from pathways_lite.outer.snapshot import resolve
 
 
 def _params(r):

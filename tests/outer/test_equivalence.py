@@ -8,8 +8,8 @@ from pathways_lite import data as data_lib
 from pathways_lite import train as train_lib
 from pathways_lite.outer import inner as inner_lib
 from pathways_lite.outer import OuterConfig, run_with_state
-from pathways_lite.outer.common import resolve
 from pathways_lite.outer.eager import consensus
+from pathways_lite.outer.snapshot import resolve
 from pathways_lite.outer.streaming import global_params
 
 

@@ -17,9 +17,9 @@ import pytest
 from pathways_lite.islands import make_islands
 from pathways_lite.metrics import read_metrics
 from pathways_lite.outer import run_with_state
-from pathways_lite.outer.common import resolve
 from pathways_lite.outer.driver import check
 from pathways_lite.outer.inner import resolve_inner_loop
+from pathways_lite.outer.snapshot import resolve
 from pathways_lite.runtime import Runtime
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -148,13 +148,14 @@ for loop, n_outer in (("steps", 3), ("scan", 6)):
   c.model.update(d_model=128, num_layers=2, num_heads=4, num_kv_heads=4, max_seq_len=64)
   c.data.update(seq_len=64, batch_size=8)
   s, r = run_with_state(c, None, devices=jax.devices()[:2])
-  iv = {}
-  for sp in r.rt.trace.spans:   # an island's busy interval per phase: its calls (not transfers)
+  for sp in r.rt.trace.spans:
     if sp.island.startswith("worker") and sp.name.startswith("phase ") and sp.kind != "transfer":
       assert sp.status == "ok", sp
-      key = f"{sp.island} {sp.name.split()[1]}"
-      a, b = iv.get(key, (float("inf"), float("-inf")))
-      iv[key] = (min(a, sp.t_start), max(b, sp.t_end))
+  iv = {}   # an island's busy interval per phase: its calls (not transfers)
+  for w in r.workers:
+    phases = r.rt.trace.intervals(w, lambda sp: sp.name.split()[1]
+                                  if sp.name.startswith("phase ") else None)
+    iv.update({f"{w} {t}": ab for t, ab in phases.items()})
   out[loop] = {"iv": iv, "inner_loop": s["inner_loop"]}
 print("RESULT " + json.dumps(out))
 """

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from pathways_lite.outer import run_with_state
-from pathways_lite.outer.common import resolve
+from pathways_lite.outer.snapshot import resolve
 from pathways_lite.outer.streaming import global_params
 
 RTOL, ATOL = 1e-4, 1e-5

@@ -1,4 +1,5 @@
 """Trace: events, Chrome/Perfetto JSON, PNG Gantt chart, utilization."""
+import itertools
 import json
 
 import numpy as np
@@ -88,6 +89,27 @@ def test_real_clock_trace_has_consistent_spans(rt4):
         assert s.t_enq <= s.t_start <= s.t_end
     for isl in ("island0", "island1"):
         assert 0.0 < rt4.trace.utilization(isl) <= 1.0
+
+
+def test_intervals_merge_the_spans_of_each_group():
+    """{group: (first start, last end)}: overlapping, touching and disjoint spans of a group
+    make one interval each; transfers, other islands, failed spans and key None are left out."""
+    tr = Trace(["x", "y"])
+    spans = [("call", "a", "x", 0.0, 2.0, "ok"), ("call", "a", "x", 1.0, 3.0, "ok"),   # overlap
+             ("gang", "b", "x", 5.0, 6.0, "ok"), ("call", "b", "x", 4.0, 5.0, "ok"),   # touch
+             ("call", "c", "x", 7.0, 8.0, "ok"), ("call", "c", "x", 10.0, 11.0, "ok"),  # gap
+             ("transfer", "a", "x", -1.0, 9.0, "ok"), ("call", "a", "y", -2.0, 0.5, "ok"),
+             ("call", "c", "x", 6.0, 12.0, "error"), ("call", "skip", "x", 0.0, 20.0, "ok")]
+    for i, (kind, name, isl, s, e, status) in enumerate(spans):
+        tr.add(Span(kind, name, isl, s, s, e, i, status=status))
+    iv = tr.intervals("x", lambda sp: None if sp.name == "skip" else sp.name)
+    assert iv == {"a": (0.0, 3.0), "b": (4.0, 6.0), "c": (7.0, 11.0)}
+    assert list(iv) == ["a", "b", "c"]
+    assert tr.intervals("y", lambda sp: sp.name) == {"a": (-2.0, 0.5)}
+    assert tr.intervals("z", lambda sp: sp.name) == {}
+    n = itertools.count(1)   # key is called once per counted span, in recording order
+    iv = tr.intervals("x", lambda sp: next(n) if sp.name in ("a", "b") else None)
+    assert iv == {1: (0.0, 2.0), 2: (1.0, 3.0), 3: (5.0, 6.0), 4: (4.0, 5.0)}
 
 
 def test_busy_merges_overlaps():
