@@ -27,7 +27,6 @@ rejected on arrival with a logged reason and never applied.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 from pathways_lite.futures import ALL_COMPLETED, FIRST_COMPLETED, wait
 from pathways_lite.outer import rules

@@ -12,7 +12,7 @@ import pytest
 
 from pathways_lite.outer import diloco, rules
 from pathways_lite.outer.common import Run, memo, zeros_f32
-from pathways_lite.outer.inner import pick0, pick1, pick2, pick_delta, pick_state
+from pathways_lite.outer.inner import pick0, pick1, pick_delta, pick_state
 from pathways_lite.outer.snapshot import resolve
 from pathways_lite.outer.topology import SERVER
 from pathways_lite.ray_islands import IslandLost, from_local, split_survivors
