@@ -152,19 +152,15 @@ def bench(config, runs, warmup_outer: int, workdir, devices) -> dict:
   return out
 
 
-def define_flags():
-  """The command line (defined only when run as a script: importing the module for its
-  functions, as the tests do, then adds no absl flags to clash with other launchers')."""
-  global _CONFIG, _RUNS, _WARMUP, _WORKDIR, _OUT
-  _CONFIG = config_flags.DEFINE_config_file(
-      "config", None, "configs/scaleout.py:<cpu|x4|x8>.", lock_config=True)
-  _RUNS = flags.DEFINE_list("runs", list(RUNS), "Runs to do, of " + ", ".join(RUNS) + ".")
-  _WARMUP = flags.DEFINE_integer("warmup_outer", 1,
-                                 "Leading outer steps (x H inner steps) not timed.")
-  _WORKDIR = flags.DEFINE_string("workdir", None,
-                                 "Each run's outputs (trace.png ...) in a subfolder.")
-  _OUT = flags.DEFINE_string("out", None, "Also write the JSON result to this file.")
-  flags.mark_flags_as_required(["config"])
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "configs/scaleout.py:<cpu|x4|x8>.", lock_config=True)
+_RUNS = flags.DEFINE_list("runs", list(RUNS), "Runs to do, of " + ", ".join(RUNS) + ".")
+_WARMUP = flags.DEFINE_integer("warmup_outer", 1,
+                               "Leading outer steps (x H inner steps) not timed.")
+_WORKDIR = flags.DEFINE_string("workdir", None,
+                               "Each run's outputs (trace.png ...) in a subfolder.")
+_OUT = flags.DEFINE_string("out", None, "Also write the JSON result to this file.")
+flags.mark_flags_as_required(["config"])
 
 
 def main(argv):
@@ -189,5 +185,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  define_flags()
   app.run(main)
