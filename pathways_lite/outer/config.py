@@ -24,8 +24,8 @@ SHARD_SAMPLING = ("own", "least_progress")
 CLOCKS = ("virtual", "real")
 ISLANDS = ("virtual", "devices")
 COLLECTIVES = ("server", "xla", "pallas")  # ddp's gradient exchange (pathways_lite/outer/ddp_collective.py)
-INNER_LOOPS = ("auto", "scan", "steps")
-MESH_ALGORITHMS = ("ddp", "local_sgd", "diloco", "streaming")   # islands of several devices   # how a phase runs (pathways_lite/outer/inner.py)
+INNER_LOOPS = ("auto", "scan", "steps")   # how a phase runs (pathways_lite/outer/inner.py)
+MESH_ALGORITHMS = ("ddp", "local_sgd", "diloco", "streaming")   # islands of several devices
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +108,11 @@ class OuterConfig:
     return self.island_data * self.island_tensor
 
   @property
+  def island_field(self) -> str:
+    """The field that makes islands several devices wide, for error messages."""
+    return "island_data" if self.island_data > 1 else "island_tensor"
+
+  @property
   def buffer_size(self) -> int:
     return self.dn_buffer or self.num_workers
 
@@ -157,13 +162,12 @@ class OuterConfig:
     _choice("islands", self.islands, ISLANDS)
     _int("island_data", self.island_data, 1)
     _int("island_tensor", self.island_tensor, 1)
+    field = self.island_field
     if self.island_devices > 1 and self.algorithm not in MESH_ALGORITHMS:
-      field = "island_data" if self.island_data > 1 else "island_tensor"
       raise ValueError(f"config field 'outer.{field}'={getattr(self, field)} (islands of several "
                        f"devices) is supported by outer.algorithm in {list(MESH_ALGORITHMS)}, not "
                        f"{self.algorithm!r}; allowed here: 1")
     if self.island_devices > 1 and self.islands != "devices":
-      field = "island_data" if self.island_data > 1 else "island_tensor"
       raise ValueError(f"config field 'outer.{field}'={getattr(self, field)} needs "
                        f"outer.islands='devices' (virtual islands keep one device; got "
                        f"outer.islands={self.islands!r}); allowed here: 1")
@@ -196,9 +200,8 @@ def check_island_mesh(config, ocfg: OuterConfig, num_devices: int) -> None:
     return
   need = ocfg.num_workers * k
   if need > num_devices:
-    field = "island_data" if ocfg.island_data > 1 else "island_tensor"
     raise ValueError(
-        f"config field 'outer.{field}': outer.num_workers={ocfg.num_workers} islands x "
+        f"config field 'outer.{ocfg.island_field}': outer.num_workers={ocfg.num_workers} islands x "
         f"outer.island_data={ocfg.island_data} x outer.island_tensor={ocfg.island_tensor} need "
         f"{need} devices, only {num_devices} available")
   if config.data.batch_size % ocfg.island_data:

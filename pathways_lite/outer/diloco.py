@@ -104,8 +104,8 @@ def train(run: Run) -> dict:
     for w in active:
       isl = run.workers[w]
       start = starts[w] = rt.transfer(gp, island=isl, name=f"params->{isl}")
-      out = run.inner_on(isl).dispatch_phase(rt, loop, ws[w], start, el.batches(w, h), island=isl,
-                                 name=f"phase {t}")
+      out = run.inner_on(isl).dispatch_phase(rt, loop, ws[w], start, el.batches(w, h),
+                                             island=isl, name=f"phase {t}")
       ws[w] = rt.call(pick_state, out, island=isl, cost=0, name="state")
       d = rt.call(pick_delta, out, island=isl, cost=0, name="delta")
       deltas[w] = rt.transfer(d, island=SERVER, wire_dtype=wire(ocfg), name=f"delta {w}")

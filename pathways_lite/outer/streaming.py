@@ -98,7 +98,8 @@ def train(run: Run) -> dict:
     if k > 0:
       for w in live:
         isl = run.workers[w]
-        out = rt.call(run.inner_on(isl).steps, ws[w], el.batches(w, k), island=isl, cost=k, name=f"steps ->{s}")
+        out = rt.call(run.inner_on(isl).steps, ws[w], el.batches(w, k), island=isl, cost=k,
+                      name=f"steps ->{s}")
         ws[w] = rt.call(pick0, out, island=isl, cost=0, name="state")
         summaries[w] = rt.call(pick1, out, island=isl, cost=0, name="summary")
     prev = s
