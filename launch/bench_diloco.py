@@ -39,7 +39,6 @@ pseudo-gradients, the outer update, dispatch gaps).
 ratio = tokens/s(M=2) / (2 * tokens/s(M=1)): 1.0 = two islands scale
 perfectly (goal >= 0.97 at H=100).
 """
-import copy
 import json
 import os
 import statistics
@@ -49,6 +48,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+from pathways_lite.outer.bench_setup import diloco_config, phase_intervals  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file with get_config().", lock_config=True)
@@ -61,28 +62,6 @@ _LOOP = flags.DEFINE_enum("inner_loop", "auto", ["auto", "scan", "steps"],
                           "calls; auto: steps on GPU, scan otherwise.")
 _OUT = flags.DEFINE_string("out", None, "Also write the JSON result to this file.")
 flags.mark_flags_as_required(["config"])
-
-
-def diloco_config(config, M: int, H: int, n_outer: int, inner_loop: str = "auto"):
-  """config with a DiLoCo outer loop of M one-device islands for n_outer outer steps of H."""
-  c = copy.deepcopy(config)
-  c.outer.update(algorithm="diloco", num_workers=M, inner_steps=H, clock="real",
-                 inner_loop=inner_loop,
-                 islands="devices", outer_island=0, step_time_s=(), worker_schedule=(),
-                 drop_prob=0.0, link_bandwidth_gbps=0.0, link_latency_s=0.0)
-  steps = n_outer * H
-  c.train.update(steps=steps, warmup_steps=min(c.train.warmup_steps, steps // 2),
-                 eval_every=0, eval_batches=1)
-  c.checkpoint.enabled = False
-  c.runtime.backend = "local"
-  return c
-
-
-def phase_intervals(trace, island: str) -> dict[int, tuple[float, float]]:
-  """Outer step -> (start, end) of `island`'s phase: its calls named "phase <t>..." (the scan
-  call, or restart + H steps + delta); the phase's batch transfer is not counted."""
-  return trace.intervals(island, lambda s: int(s.name.split()[1])
-                         if s.name.startswith("phase ") else None)
 
 
 def bench_workers(config, M: int, H: int, outer_steps: int, warmup: int, devices,
