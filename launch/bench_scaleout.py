@@ -26,6 +26,7 @@ loss_vs_ddp = final val loss / ddp's (same tokens). Prints one JSON (emit_json);
 """
 import copy
 import itertools
+import json
 import os
 import re
 import sys
@@ -116,8 +117,11 @@ def measure(run, summary, algorithm: str, warmup_steps: int) -> dict:
           "bytes": summary["bytes"], "syncs": syncs, "wall_time_s": summary["wall_time_s"]}
 
 
-def bench(config, runs, warmup_outer: int, workdir, devices) -> dict:
-  """Every run of `runs` (RUNS) from `config`; the result dict that main prints."""
+def bench(config, runs, warmup_outer: int, workdir, devices, out_path=None) -> dict:
+  """Every run of `runs` (RUNS) from `config`; the result dict that main prints.
+
+  With `out_path`, the result so far is written there after each run (`"partial": true`),
+  so a run killed at a device call's time limit keeps the runs it finished."""
   import jax
   from pathways_lite import configuration
   from pathways_lite.outer import run_with_state
@@ -142,6 +146,9 @@ def bench(config, runs, warmup_outer: int, workdir, devices) -> dict:
       r["trace_png"] = os.path.join(wd, "trace.png")
     print(f"{name}: {r['tokens_per_s_per_device']:,.0f} tokens/s/device, overhead "
           f"{r['outer_overhead_share']:.3f}, val loss {r['final_val_loss']:.4f}", flush=True)
+    if out_path:
+      with open(out_path, "w") as fh:
+        json.dump(out | {"partial": True}, fh, indent=1)
   one = res.get("one_island")
   for name in ("diloco", "streaming", "ddp"):
     if name in res and one:
@@ -180,7 +187,7 @@ def main(argv):
   for name in _RUNS.value:
     if name not in RUNS:
       raise app.UsageError(f"--runs: unknown run {name!r}; allowed: {list(RUNS)}")
-  out = bench(config, _RUNS.value, _WARMUP.value, _WORKDIR.value, jax.devices())
+  out = bench(config, _RUNS.value, _WARMUP.value, _WORKDIR.value, jax.devices(), _OUT.value)
   emit_json(out, _OUT.value)
 
 

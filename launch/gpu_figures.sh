@@ -11,7 +11,9 @@
 # exit status is the number of measurements that failed. Every process pays
 # jax's start-up and compiles (about a minute on a GPU machine), so put the
 # measurements of one machine into one call. FIGURE_ARGS is appended to every
-# command (e.g. FIGURE_ARGS=--quick for a smoke test of `runtime` on a CPU).
+# command (e.g. FIGURE_ARGS=--quick for a smoke test of `runtime` on a CPU;
+# FIGURE_ARGS=--runs=one_island,diloco to split scaleout_x4 over two device calls,
+# each under the 10-minute limit: its JSON is also written after every run).
 # NCCL's NVLink SHARP stays off.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -30,6 +32,7 @@ inner_step|1|launch/bench_inner_step.py --config=configs/lm_125m.py --inner_step
 diloco_steps|2|launch/bench_diloco.py --config=configs/lm_125m.py --workers=1,2 --inner_steps=100 --outer_steps=3 --warmup_outer=3 --inner_loop=steps
 diloco_scan|2|launch/bench_diloco.py --config=configs/lm_125m.py --workers=1,2 --inner_steps=100 --outer_steps=3 --warmup_outer=4 --inner_loop=scan
 collectives|2|launch/bench_collectives.py
+scaleout_x4|4|launch/bench_scaleout.py --config=configs/scaleout.py:x4 --warmup_outer=3
 '
 
 if [[ $# -eq 0 || $1 == --list || $1 == -h ]]; then
@@ -50,6 +53,7 @@ for name in "$@"; do
   args=$(grep "^$name|" <<<"$FIGURES" | cut -d'|' -f3)
   extra=""
   [[ $name == runtime ]] && extra="--trace_dir=$out/runtime_trace"
+  [[ $name == scaleout_* ]] && extra="--workdir=$out/${name}_runs"   # a trace.png per run
   echo "== $name: $PY $args --out=$out/$name.json $extra ${FIGURE_ARGS:-}"
   start=$(date +%s)
   # shellcheck disable=SC2086  # the arguments are words by design

@@ -1,5 +1,6 @@
 """launch/bench_scaleout.py on 8 fake CPU devices: configs/scaleout.py:cpu shrunk to 2 islands
 x (data 1, tensor 2), 8 inner steps; every run of the bench, in process (shared compiles)."""
+import json
 import os
 
 import jax
@@ -19,8 +20,11 @@ def test_bench_scaleout_cpu_smoke(tmp_path):
   config.data.update(seq_len=32, batch_size=2)
   config.train.update(steps=8, warmup_steps=1, eval_batches=1)
   config.outer.update(num_workers=2, inner_steps=4, num_fragments=1)
-  out = bench.bench(config, list(bench.RUNS), 1, str(tmp_path), jax.devices())
+  partial = tmp_path / "partial.json"
+  out = bench.bench(config, list(bench.RUNS), 1, str(tmp_path), jax.devices(), str(partial))
   res = out["results"]
+  saved = json.loads(partial.read_text())   # written after each run: the last has them all
+  assert saved["partial"] is True and set(saved["results"]) == set(bench.RUNS)
   assert set(res) == set(bench.RUNS)
   assert res["diloco"]["devices"] == res["ddp"]["devices"] == 4
   assert res["ddp"]["devices_per_island"] == 4 and res["one_island"]["devices"] == 2
