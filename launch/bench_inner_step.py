@@ -20,6 +20,10 @@ ratio_<path> = its ms per step / direct's (1.0: the path adds nothing). On one H
 step: the gap is in what the driver does around the phase, not in the step's executable
 (the same executable, run directly after the driver, takes 36.8 ms) nor in the runtime.
 The final params of direct and runtime are compared (`runtime_equals_direct`).
+--profile_dir (with --driver) records the driver run with jax.profiler (device kernels and
+the host's XLA threads, no Python tracing): open plugins/profile/*/perfetto_trace.json.gz in
+ui.perfetto.dev, or the folder in TensorBoard's profile plugin, to see where the phase's
+time goes between kernels. `bash launch/gpu_figures.sh OUT inner_step` runs it with both.
 """
 import os
 import statistics
@@ -35,6 +39,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Model/train config fi
 _H = flags.DEFINE_integer("inner_steps", 30, "Inner steps per timed phase.")
 _DRIVER = flags.DEFINE_bool("driver", False, "Also time the DiLoCo driver's phases.")
 _OUT = flags.DEFINE_string("out", None, "Also write the JSON result to this file.")
+_PROFILE = flags.DEFINE_string("profile_dir", None,
+                               "With --driver: a jax.profiler trace of the driver run here "
+                               "(Perfetto: the *.trace.json.gz under plugins/profile/).")
 flags.mark_flags_as_required(["config"])
 
 
@@ -88,15 +95,24 @@ def paths(config, H: int) -> dict:
   return {"direct": direct, "runtime": runtime, "run_islands": run_islands}, (rt1, rt2)
 
 
-def driver_ms(config, H: int) -> list[float]:
-  """Per-step time of each phase of a one-worker DiLoCo run through the driver (trace spans)."""
+def driver_ms(config, H: int, profile_dir: str | None = None) -> list[float]:
+  """Per-step time of each phase of a one-worker DiLoCo run through the driver (trace spans);
+  with `profile_dir`, the run is traced by jax.profiler (device kernels and host threads)."""
+  import contextlib
+
   import jax
   from pathways_lite.outer import run_with_state
   from pathways_lite.outer.bench_setup import diloco_config, phase_intervals
   from pathways_lite.outer.topology import worker_name
 
-  _, run = run_with_state(diloco_config(config, 1, H, 3, "steps"), None,
-                          devices=jax.devices()[:1])
+  prof = contextlib.nullcontext()
+  if profile_dir:   # device activity and host threads' XLA spans; no Python tracing (size)
+    opts = jax.profiler.ProfileOptions()
+    opts.python_tracer_level, opts.host_tracer_level, opts.enable_hlo_proto = 0, 1, False
+    prof = jax.profiler.trace(profile_dir, create_perfetto_trace=True, profiler_options=opts)
+  with prof:
+    _, run = run_with_state(diloco_config(config, 1, H, 3, "steps"), None,
+                            devices=jax.devices()[:1])
   try:
     return [1e3 * (b - a) / H for _, (a, b) in sorted(phase_intervals(run.rt.trace,
                                                                        worker_name(0)).items())]
@@ -104,7 +120,8 @@ def driver_ms(config, H: int) -> list[float]:
     run.rt.shutdown()
 
 
-def measure(config, H: int, driver: bool = False, out_path: str | None = None) -> dict:
+def measure(config, H: int, driver: bool = False, out_path: str | None = None,
+            profile_dir: str | None = None) -> dict:
   import jax
   import numpy as np
   from pathways_lite.metrics import emit_json
@@ -130,7 +147,7 @@ def measure(config, H: int, driver: bool = False, out_path: str | None = None) -
   out["runtime_equals_direct"] = all(np.array_equal(a, b) for a, b in
                                      zip(leaves["direct"], leaves["runtime"]))
   if driver:
-    phases = driver_ms(config, H)
+    phases = driver_ms(config, H, profile_dir)
     out["driver_phase_ms_per_step"] = phases
     out["ms_per_step"]["driver"] = min(phases[1:]) if len(phases) > 1 else phases[0]
   base = out["ms_per_step"]["direct"]
@@ -144,7 +161,9 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-  measure(_CONFIG.value, _H.value, _DRIVER.value, _OUT.value)
+  if _PROFILE.value and not _DRIVER.value:
+    raise app.UsageError("--profile_dir traces the driver run: give --driver too")
+  measure(_CONFIG.value, _H.value, _DRIVER.value, _OUT.value, _PROFILE.value)
 
 
 if __name__ == "__main__":

@@ -54,12 +54,16 @@ for name in "$@"; do
   extra=""
   [[ $name == runtime ]] && extra="--trace_dir=$out/runtime_trace"
   [[ $name == scaleout_* ]] && extra="--workdir=$out/${name}_runs"   # a trace.png per run
+  [[ $name == inner_step ]] && extra="--profile_dir=$out/${name}_profile"
   echo "== $name: $PY $args --out=$out/$name.json $extra ${FIGURE_ARGS:-}"
   start=$(date +%s)
   # shellcheck disable=SC2086  # the arguments are words by design
   timeout "${FIGURE_TIMEOUT_S:-540}" "$PY" $args "--out=$out/$name.json" $extra ${FIGURE_ARGS:-} >"$out/$name.log" 2>&1
   rc=$?
   echo "== $name: exit $rc after $(( $(date +%s) - start )) s"
+  if [[ -d $out/${name}_profile ]]; then   # jax.profiler's tree is deep: one archive instead
+    tar czf "$out/${name}_profile.tgz" -C "$out" "${name}_profile" && rm -rf "${out:?}/${name}_profile"
+  fi
   if [[ $rc -ne 0 ]]; then failed=$((failed + 1)); tail -n 15 "$out/$name.log"; fi
 done
 exit "$failed"

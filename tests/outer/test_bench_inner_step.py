@@ -6,7 +6,8 @@ def test_paths_agree_and_report_ratios(make_config, tmp_path):
   from tests import launchers
   bench = launchers.load("launch/bench_inner_step.py")
   out_file = tmp_path / "inner.json"
-  r = bench.measure(make_config("diloco"), 2, driver=True, out_path=str(out_file))
+  r = bench.measure(make_config("diloco"), 2, driver=True, out_path=str(out_file),
+                    profile_dir=str(tmp_path / "prof"))
   # the runtime's chain computes exactly what plain jax computes
   assert r["runtime_equals_direct"] is True
   assert set(r["ms_per_step"]) == {"direct", "runtime", "run_islands", "driver"}
@@ -16,3 +17,5 @@ def test_paths_agree_and_report_ratios(make_config, tmp_path):
   assert len(r["driver_phase_ms_per_step"]) == 3          # 3 outer steps of the driver
   assert r["ms_per_step"]["driver"] == min(r["driver_phase_ms_per_step"][1:])
   assert out_file.read_text().strip().startswith("{")
+  # the driver run was traced by jax.profiler: a Perfetto trace to open
+  assert list((tmp_path / "prof").glob("plugins/profile/*/perfetto_trace.json.gz"))
