@@ -22,8 +22,12 @@ Islands: 2 devices or more -> two islands of one device each; one device
            reports the smallest op length with both >= 95% there and at the
            next length (a confirmation against timing noise). Each row also
            gives submit_ms (controller time to enqueue all the calls: about
-           the op time x calls when dispatch blocks) and the islands whose
-           calls the runtime moved to dispatch threads (``offloaded``).
+           the op time x calls when dispatch blocks), the islands whose
+           calls the runtime moved to dispatch threads (``offloaded``), and
+           ``trace_busy``: each island's busy share in the runtime's own trace
+           (time with one of its calls dispatched and not finished, from the
+           first submit to its last completion; median over the trials), which
+           needs no fused peer and so not its timing noise.
   virtual  events/s under the virtual clock: chained trivial calls across the
            islands (calls + transfers are events), and the simulation's own
            cost per event (minus raw jitted dispatch of the same calls).
@@ -209,7 +213,7 @@ def bench_utilization(islands, dim, max_loop, n_ops, budget_s, repeats):
     rng = np.random.default_rng(0)
     w_host = (rng.standard_normal((dim, dim)) / np.sqrt(dim)).astype(np.float32)
     x_host = rng.standard_normal((dim, dim)).astype(np.float32)
-    rows, found, t_begin = [], None, time.perf_counter()
+    rows, found, trace_found, t_begin = [], None, None, time.perf_counter()
     k = 1
     with Runtime(islands) as rt:
         w = [jax.device_put(w_host, i.replicated()) for i in islands]
@@ -237,18 +241,23 @@ def bench_utilization(islands, dim, max_loop, n_ops, budget_s, repeats):
                 return ends
 
             def run_runtime():
-                t0 = time.perf_counter()
+                t0, r0 = time.perf_counter(), rt.now()
                 last = list(x)
                 for _ in range(n_ops):
                     last = [rt.call(op, wi, li, island=i.name) for wi, li, i in zip(w, last, islands)]
                 submit_s.append(time.perf_counter() - t0)
-                ends = {}
+                ends, r_end = {}, {}
                 for f in as_completed(last):
                     ends[f.island] = time.perf_counter() - t0
+                    r_end[f.island] = rt.now()
+                # the islands' own busy share from the trace: time with a call dispatched and
+                # not yet finished, from the first submit to the island's last completion
+                busy_t.append([rt.trace.utilization(i.name, r0, r_end[i.name]) for i in islands])
                 return [ends[i.name] for i in islands]
 
-            submit_s = []
+            submit_s, busy_t = [], []
             run_fused(), run_runtime()  # compile
+            busy_t.clear()
             fused_t, ours_t = [], []
             for _ in range(max(3, repeats // 2)):
                 fused_t.append(run_fused())
@@ -257,11 +266,16 @@ def bench_utilization(islands, dim, max_loop, n_ops, budget_s, repeats):
             o_med = [statistics.median(t[j] for t in ours_t) for j in range(len(islands))]
             util = [min(1.0, a / b) for a, b in zip(f_med, o_med)]
             op_ms = 1e3 * max(f_med) / n_ops / (1 if islands[0].device_set != islands[1].device_set else 2)
-            row = {"loop": k, "op_ms": op_ms, "utilization": util,
+            busy = [statistics.median(t[j] for t in busy_t) for j in range(len(islands))]
+            row = {"loop": k, "op_ms": op_ms, "utilization": util, "trace_busy": busy,
                    "submit_ms": 1e3 * statistics.median(submit_s[1:]),
                    "offloaded": sorted(n for (f, n) in rt._policy.offloaded if f is op)
                    if rt._policy is not None else []}
             rows.append(row)
+            if trace_found is None and min(busy) >= 0.95:
+                trace_found = row
+            elif min(busy) < 0.95:
+                trace_found = None
             if min(util) >= 0.95:
                 if found is not None:       # confirmed by the next (longer) length too
                     break
@@ -272,6 +286,8 @@ def bench_utilization(islands, dim, max_loop, n_ops, budget_s, repeats):
         spans_util = {i.name: rt.trace.utilization(i.name) for i in islands}
     return {"matmul_dim": dim, "ops_per_island": n_ops, "sweep": rows,
             "smallest_op_ms_at_95pct": found["op_ms"] if found else None,
+            # the same rule on the trace's busy shares, from this length on: every later one
+            "smallest_op_ms_trace_busy_95pct": trace_found["op_ms"] if trace_found else None,
             "confirmed_at_next_length": bool(found) and rows[-1] is not found,
             "trace_utilization_last": spans_util}
 
@@ -395,6 +411,7 @@ def main(argv):
         "call_chained_us": out["call"]["runtime_chained"]["median_us"],
         "raw_call_chained_us": out["call"]["raw_chained"]["median_us"],
         "smallest_op_ms_at_95pct": out["utilization"]["smallest_op_ms_at_95pct"],
+        "smallest_op_ms_trace_busy_95pct": out["utilization"]["smallest_op_ms_trace_busy_95pct"],
         "virtual_events_per_s": out["virtual"]["events_per_s"],
         "virtual_simulation_events_per_s": out["virtual"]["simulation_events_per_s"],
     }

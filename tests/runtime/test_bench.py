@@ -23,7 +23,10 @@ def test_bench_runtime_quick(tmp_path):
     assert d["virtual"]["events"] >= d["virtual"]["calls"] > 0 and d["virtual"]["events_per_s"] > 0
     assert d["utilization"]["sweep"] and all(0 < u <= 1 for r in d["utilization"]["sweep"]
                                               for u in r["utilization"])
+    # the trace's own busy share: a real fraction per island and row (spans inside the window)
+    assert all(len(r["trace_busy"]) == 2 and all(0 < b <= 1 + 1e-9 for b in r["trace_busy"])
+               for r in d["utilization"]["sweep"])
     assert os.path.getsize(d["trace"]["png"]) > 0
     assert json.loads(open(d["trace"]["json"]).read())["traceEvents"]
     assert set(d["summary"]) >= {"gang_chained_ratio", "call_chained_ratio", "virtual_events_per_s",
-                                 "smallest_op_ms_at_95pct"}
+                                 "smallest_op_ms_at_95pct", "smallest_op_ms_trace_busy_95pct"}
