@@ -14,7 +14,7 @@ its carry) run H times, ms per step, each path timed twice after two warm-up pha
                  worker, 3 outer steps of H, inner_loop "steps"): each phase's span in the
                  trace / H (`driver_phase_ms_per_step`; `ms_per_step.driver`: the fastest
                  phase after the first, which compiles).
-ratio_<path> = its ms per step / direct's (1.0: the path adds nothing). On one H100
+ratio[path] = its ms per step / direct's (1.0: the path adds nothing). On one H100
 (launch/results/diloco_inner_step_h100/) direct, runtime and run_islands agree within 7%
 (36-39 ms for the 125M model at 16 x 1024) while the driver's phases ran at 63-89 ms a
 step: the gap is in what the driver does around the phase, not in the step's executable
@@ -51,8 +51,9 @@ def host_batches(config, H: int, seed: int = 0):
   return np.random.default_rng(seed).integers(0, 256, (H, B, L + 1), dtype=np.int32)
 
 
-def paths(config, H: int) -> dict:
-  """name -> a function that runs one phase of H steps and returns its final carry."""
+def paths(config, H: int) -> tuple[dict, tuple]:
+  """({name: a function that runs one phase of H steps and returns its final carry}, the
+  runtimes they use, for the caller to shut down)."""
   import jax
   from pathways_lite import configuration
   from pathways_lite.islands import make_islands
