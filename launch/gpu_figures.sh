@@ -20,19 +20,20 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 
-# name | GPUs | arguments after "$PY" (OUT/<name>.json is appended as --out=...)
+# name | GPUs | arguments after "$PY" (OUT/<name>.json is appended as --out=...; @OUT
+# stands for the OUT folder: a measurement's trace, run folders or profile go there)
 FIGURES='
 checkpoint|1|launch/bench_checkpoint.py --config=configs/lm_125m.py --steps=300 --every=50 --repeats=2
-runtime|1|launch/bench_runtime.py
+runtime|1|launch/bench_runtime.py --trace_dir=@OUT/runtime_trace
 train_125m|1|launch/bench_train.py --config=configs/lm_125m.py --impls=xla,cudnn,pallas
 train_350m|1|launch/bench_train.py --config=configs/lm_350m.py --impls=cudnn,pallas,xla --batch_sizes=16 --remats=none --compare_runtime
 train_1b|1|launch/bench_train.py --config=configs/lm_1b.py --impls=cudnn,pallas,xla --batch_sizes=8 --remats=none,dots
 attention|1|launch/bench_attention.py --budget_s=500
-inner_step|1|launch/bench_inner_step.py --config=configs/lm_125m.py --inner_steps=30 --driver
+inner_step|1|launch/bench_inner_step.py --config=configs/lm_125m.py --inner_steps=30 --driver --profile_dir=@OUT/inner_step_profile
 diloco_steps|2|launch/bench_diloco.py --config=configs/lm_125m.py --workers=1,2 --inner_steps=100 --outer_steps=3 --warmup_outer=3 --inner_loop=steps
 diloco_scan|2|launch/bench_diloco.py --config=configs/lm_125m.py --workers=1,2 --inner_steps=100 --outer_steps=3 --warmup_outer=4 --inner_loop=scan
 collectives|2|launch/bench_collectives.py
-scaleout_x4|4|launch/bench_scaleout.py --config=configs/scaleout.py:x4 --warmup_outer=3
+scaleout_x4|4|launch/bench_scaleout.py --config=configs/scaleout.py:x4 --warmup_outer=3 --workdir=@OUT/scaleout_x4_runs
 '
 
 if [[ $# -eq 0 || $1 == --list || $1 == -h ]]; then
@@ -51,14 +52,11 @@ mkdir -p "$out"
 failed=0
 for name in "$@"; do
   args=$(grep "^$name|" <<<"$FIGURES" | cut -d'|' -f3)
-  extra=""
-  [[ $name == runtime ]] && extra="--trace_dir=$out/runtime_trace"
-  [[ $name == scaleout_* ]] && extra="--workdir=$out/${name}_runs"   # a trace.png per run
-  [[ $name == inner_step ]] && extra="--profile_dir=$out/${name}_profile"
-  echo "== $name: $PY $args --out=$out/$name.json $extra ${FIGURE_ARGS:-}"
+  args=${args//@OUT/$out}
+  echo "== $name: $PY $args --out=$out/$name.json ${FIGURE_ARGS:-}"
   start=$(date +%s)
   # shellcheck disable=SC2086  # the arguments are words by design
-  timeout "${FIGURE_TIMEOUT_S:-540}" "$PY" $args "--out=$out/$name.json" $extra ${FIGURE_ARGS:-} >"$out/$name.log" 2>&1
+  timeout "${FIGURE_TIMEOUT_S:-540}" "$PY" $args "--out=$out/$name.json" ${FIGURE_ARGS:-} >"$out/$name.log" 2>&1
   rc=$?
   echo "== $name: exit $rc after $(( $(date +%s) - start )) s"
   if [[ -d $out/${name}_profile ]]; then   # jax.profiler's tree is deep: one archive instead
