@@ -39,7 +39,6 @@ pseudo-gradients, the outer update, dispatch gaps).
 ratio = tokens/s(M=2) / (2 * tokens/s(M=1)): 1.0 = two islands scale
 perfectly (goal >= 0.97 at H=100).
 """
-import json
 import os
 import statistics
 import sys
@@ -115,7 +114,7 @@ def main(argv):
   import jax
   from models import utils as model_utils
   from pathways_lite import configuration
-  from pathways_lite.metrics import emit_json
+  from pathways_lite.metrics import emit_json, write_partial
 
   config = _CONFIG.value
   model_cfg = configuration.validate(config)
@@ -147,9 +146,7 @@ def main(argv):
                                           config.data.seq_len, devices[0])
     print(f"M={M} ({r['inner_loop']}): {r['tokens_per_s']:,.0f} tokens/s, outer step "
           f"{statistics.mean(r['outer_step_s']):.3f} s, sync share {r['sync_share']:.3f}", flush=True)
-    if _OUT.value:  # partial result: a run killed from outside keeps the worker counts it did
-      with open(_OUT.value, "w") as fh:
-        json.dump(out | {"partial": True}, fh, indent=1)
+    write_partial(out, _OUT.value)   # a run killed from outside keeps the worker counts it did
   if "1" in results and "2" in results:
     out["ratio_two_over_2x_one"] = results["2"]["tokens_per_s"] / (2 * results["1"]["tokens_per_s"])
   emit_json(out, _OUT.value)

@@ -26,7 +26,6 @@ loss_vs_ddp = final val loss / ddp's (same tokens). Prints one JSON (emit_json);
 """
 import copy
 import itertools
-import json
 import os
 import re
 import sys
@@ -124,6 +123,7 @@ def bench(config, runs, warmup_outer: int, workdir, devices, out_path=None) -> d
   so a run killed at a device call's time limit keeps the runs it finished."""
   import jax
   from pathways_lite import configuration
+  from pathways_lite.metrics import write_partial
   from pathways_lite.outer import run_with_state
 
   o = config.outer
@@ -146,9 +146,7 @@ def bench(config, runs, warmup_outer: int, workdir, devices, out_path=None) -> d
       r["trace_png"] = os.path.join(wd, "trace.png")
     print(f"{name}: {r['tokens_per_s_per_device']:,.0f} tokens/s/device, overhead "
           f"{r['outer_overhead_share']:.3f}, val loss {r['final_val_loss']:.4f}", flush=True)
-    if out_path:
-      with open(out_path, "w") as fh:
-        json.dump(out | {"partial": True}, fh, indent=1)
+    write_partial(out, out_path)
   one = res.get("one_island")
   for name in ("diloco", "streaming", "ddp"):
     if name in res and one:

@@ -39,7 +39,6 @@ does).
 """
 import dataclasses
 import gc
-import json
 import os
 import statistics
 import sys
@@ -56,7 +55,7 @@ import numpy as np  # noqa: E402
 from models import utils as model_utils  # noqa: E402
 from pathways_lite import configuration  # noqa: E402
 from pathways_lite import train as train_lib  # noqa: E402
-from pathways_lite.metrics import emit_json  # noqa: E402
+from pathways_lite.metrics import emit_json, write_partial  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file with get_config().", lock_config=True)
@@ -288,9 +287,7 @@ def main(argv):
                max_seconds=_MAX_SECONDS.value)
 
     def save_partial(trials):  # a run killed from outside still leaves what it measured
-      if _OUT.value:
-        with open(_OUT.value, "w") as fh:
-          json.dump(out | {"trials": trials, "partial": True}, fh, indent=1)
+      write_partial(out | {"trials": trials}, _OUT.value)
 
     out.update(sweep(config, model_cfg, impls, remats, batch_sizes, _STEPS.value, _WARMUP.value,
                      _MAX_SECONDS.value, on_trial=save_partial))

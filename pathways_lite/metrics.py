@@ -118,3 +118,11 @@ def emit_json(result: dict, path: str | None = None) -> str:
     with open(path, "w") as fh:
       fh.write(text + "\n")
   return text
+
+
+def write_partial(result: dict, path: str | None) -> None:
+  """Writes a benchmark's result so far to `path` (if given) with "partial": true, so that a
+  run killed from outside (a device call's time limit) keeps what it measured."""
+  if path:
+    with open(path, "w") as fh:
+      json.dump(result | {"partial": True}, fh, indent=1)
