@@ -14,11 +14,14 @@ its carry) run H times, ms per step, each path timed twice after two warm-up pha
                  worker, 3 outer steps of H, inner_loop "steps"): each phase's span in the
                  trace / H (`driver_phase_ms_per_step`; `ms_per_step.driver`: the fastest
                  phase after the first, which compiles).
-ratio[path] = its ms per step / direct's (1.0: the path adds nothing). On one H100
-(launch/results/diloco_inner_step_h100/) direct, runtime and run_islands agree within 7%
-(36-39 ms for the 125M model at 16 x 1024) while the driver's phases ran at 63-89 ms a
-step: the gap is in what the driver does around the phase, not in the step's executable
-(the same executable, run directly after the driver, takes 36.8 ms) nor in the runtime.
+The batches are the config's corpus (`--tokens=corpus`, what the driver trains on) or
+uniform random byte ids (`--tokens=random`). ratio[path] = its ms per step / direct's (1.0:
+the path adds nothing). This benchmark found why the driver's phases once ran at 63-89 ms a
+step on one H100 against 36 ms for the step alone (125M, 16 x 1024): the peers used random
+ids and the driver the corpus, and the step's speed depended on the tokens (the embedding's
+bf16 backward scatter-add serialized on frequent tokens; models/decoder.py embed_tokens,
+launch/results/diloco_inner_step_h100/). Since both read the same batches, a gap between
+the paths is the runtime's or the driver's.
 The final params of direct and runtime are compared (`runtime_equals_direct`).
 --profile_dir (with --driver) records the driver run with jax.profiler (device kernels and
 the host's XLA threads, no Python tracing): open plugins/profile/*/perfetto_trace.json.gz in
@@ -38,6 +41,9 @@ from ml_collections import config_flags  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Model/train config file.")
 _H = flags.DEFINE_integer("inner_steps", 30, "Inner steps per timed phase.")
 _DRIVER = flags.DEFINE_bool("driver", False, "Also time the DiLoCo driver's phases.")
+_TOKENS = flags.DEFINE_enum("tokens", "corpus", ["corpus", "random"],
+                           "The phases' batches: the config's corpus (as the driver trains on) or "
+                           "uniform random byte ids.")
 _OUT = flags.DEFINE_string("out", None, "Also write the JSON result to this file.")
 _PROFILE = flags.DEFINE_string("profile_dir", None,
                                "With --driver: a jax.profiler trace of the driver run here "
@@ -45,17 +51,12 @@ _PROFILE = flags.DEFINE_string("profile_dir", None,
 flags.mark_flags_as_required(["config"])
 
 
-def host_batches(config, H: int, seed: int = 0):
-  import numpy as np
-  B, L = config.data.batch_size, config.data.seq_len
-  return np.random.default_rng(seed).integers(0, 256, (H, B, L + 1), dtype=np.int32)
-
-
-def paths(config, H: int) -> tuple[dict, tuple]:
+def paths(config, H: int, tokens: str = "corpus") -> tuple[dict, tuple]:
   """({name: a function that runs one phase of H steps and returns its final carry}, the
   runtimes they use, for the caller to shut down)."""
   import jax
   from pathways_lite import configuration
+  from pathways_lite import data as data_lib
   from pathways_lite.islands import make_islands
   from pathways_lite.outer.config import OuterConfig
   from pathways_lite.outer.inner import make_inner
@@ -65,7 +66,7 @@ def paths(config, H: int) -> tuple[dict, tuple]:
   ocfg = OuterConfig.from_config(config.outer)
   inner = make_inner(config, configuration.model_config(config), ocfg)
   state = inner.init_state(config.seed)
-  hb = host_batches(config, H)
+  hb = data_lib.benchmark_batches(config.data, H, tokens=tokens)
   db = jax.device_put(hb, jax.devices()[0])
   one = make_islands(1, devices=jax.devices()[:1])
   run_ocfg = OuterConfig.from_config(dict(config.outer.to_dict(), num_workers=1,
@@ -122,15 +123,15 @@ def driver_ms(config, H: int, profile_dir: str | None = None) -> list[float]:
 
 
 def measure(config, H: int, driver: bool = False, out_path: str | None = None,
-            profile_dir: str | None = None) -> dict:
+            profile_dir: str | None = None, tokens: str = "corpus") -> dict:
   import jax
   import numpy as np
   from pathways_lite.metrics import emit_json
 
-  fns, runtimes = paths(config, H)
+  fns, runtimes = paths(config, H, tokens)
   out = {"device_kind": jax.devices()[0].device_kind, "jax_version": jax.__version__,
          "config": config.name, "batch_size": config.data.batch_size,
-         "seq_len": config.data.seq_len, "inner_steps": H, "ms_per_step": {}}
+         "seq_len": config.data.seq_len, "inner_steps": H, "tokens": tokens, "ms_per_step": {}}
   finals = {}
   try:
     for name, fn in fns.items():
@@ -164,7 +165,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   if _PROFILE.value and not _DRIVER.value:
     raise app.UsageError("--profile_dir traces the driver run: give --driver too")
-  measure(_CONFIG.value, _H.value, _DRIVER.value, _OUT.value, _PROFILE.value)
+  measure(_CONFIG.value, _H.value, _DRIVER.value, _OUT.value, _PROFILE.value, _TOKENS.value)
 
 
 if __name__ == "__main__":

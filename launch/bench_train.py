@@ -11,7 +11,10 @@ Sweep: for each remat policy, batch size (ascending) and implementation, one
 trial: a fresh state, `--warmup` untimed steps (the first compiles), then
 `--steps` timed steps. Steps run as pathways_lite/train.py runs them: the
 jitted step with the state donated, a host (numpy) batch per call, and step
-n-1's metrics read after step n is dispatched. A trial that fails is reported
+n-1's metrics read after step n is dispatched. The batches are the config's
+corpus (`--tokens=corpus`, the default): a step's speed can depend on the
+token frequencies (models/decoder.py, embed_tokens), which uniform random ids
+(`--tokens=random`) hide. A trial that fails is reported
 with its error; an out-of-memory one (`"oom": true`) also skips the larger
 batch sizes of its (impl, remat); any other failure skips the rest of its
 impl. `--max_seconds` stops the sweep when the
@@ -38,6 +41,7 @@ H100/H200); `mfu_causal` halves the attention term (the FLOPs a causal kernel
 does).
 """
 import dataclasses
+import functools
 import gc
 import os
 import statistics
@@ -54,6 +58,7 @@ import numpy as np  # noqa: E402
 
 from models import utils as model_utils  # noqa: E402
 from pathways_lite import configuration  # noqa: E402
+from pathways_lite import data as data_lib  # noqa: E402
 from pathways_lite import train as train_lib  # noqa: E402
 from pathways_lite.metrics import emit_json, write_partial  # noqa: E402
 
@@ -67,6 +72,9 @@ _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps first (the first comp
 _MAX_SECONDS = flags.DEFINE_float("max_seconds", 0.0, "Sweep time budget; 0 = none.")
 _COMPARE = flags.DEFINE_bool("compare_runtime", False, "Runtime (one island) vs plain jit loop.")
 _TRIALS = flags.DEFINE_integer("trials", 5, "Interleaved trials per path (--compare_runtime).")
+_TOKENS = flags.DEFINE_enum("tokens", "corpus", list(data_lib.BENCH_TOKENS),
+                           "The steps' batches: the config's corpus (real token frequencies) or "
+                           "uniform random byte ids.")
 _OUT = flags.DEFINE_string("out", None, "Also write the JSON result to this file.")
 flags.mark_flags_as_required(["config"])
 
@@ -86,12 +94,6 @@ def _names(text: str, field: str, allowed) -> list[str]:
   for name in out:
     configuration.check_choice(field, name, allowed)
   return out
-
-
-def host_batches(B: int, L: int, n: int = 2) -> list[np.ndarray]:
-  """n random int32 [B, L + 1] host batches of byte ids (a step gets one, as from the iterator)."""
-  rng = np.random.default_rng(0)
-  return [rng.integers(0, 256, (B, L + 1), np.int32) for _ in range(n)]
 
 
 def is_oom(message: str) -> bool:
@@ -118,11 +120,12 @@ def run_plain(step, state, batches, n: int):
   return state, jax.device_get(prev)
 
 
-def bench_trial(config, cfg, B: int, L: int, steps: int, warmup: int) -> dict:
+def bench_trial(config, cfg, B: int, L: int, steps: int, warmup: int,
+                tokens: str = "corpus") -> dict:
   optimizer = train_lib.make_optimizer(config.train)
   state = train_lib.init_train_state(cfg, optimizer, config.seed, L)
   step = jax.jit(train_lib.make_train_step(cfg, optimizer), donate_argnums=0)
-  batches = host_batches(B, L)
+  batches = list(data_lib.benchmark_batches(config.data, 2, batch_size=B, tokens=tokens))
   t0 = time.perf_counter()
   state, _ = run_plain(step, state, batches, 1)
   compile_s = time.perf_counter() - t0
@@ -194,7 +197,8 @@ def sweep(config, model_cfg, impls, remats, batch_sizes, steps, warmup, max_seco
           else None, "sweep_s": time.perf_counter() - t_start}
 
 
-def compare_runtime(config, cfg, B: int, L: int, steps: int, warmup: int, trials: int) -> dict:
+def compare_runtime(config, cfg, B: int, L: int, steps: int, warmup: int, trials: int,
+                    tokens: str = "corpus") -> dict:
   from pathways_lite.islands import make_islands
   from pathways_lite.runtime import Runtime
 
@@ -205,7 +209,7 @@ def compare_runtime(config, cfg, B: int, L: int, steps: int, warmup: int, trials
   # no selector call per step (a jitted `out[0]` is a full copy of the state). The state is
   # donated; the metrics are not (jit prunes the unused input), so they stay readable.
   rt_step = jax.jit(lambda out, batch: train_step(out[0], batch), donate_argnums=0)
-  batches = host_batches(B, L)
+  batches = list(data_lib.benchmark_batches(config.data, 2, batch_size=B, tokens=tokens))
   islands = make_islands(1, devices=jax.devices()[:1])
   isl = islands[0].name
   rt = Runtime(islands, clock="real", trace=True)
@@ -276,12 +280,12 @@ def main(argv):
       "param_count_matmul": model_utils.matmul_param_count(model_cfg),
       "flops_per_token": model_utils.flops_per_token(model_cfg, L),
       "peak_flops_per_s": model_utils.peak_flops_per_s(device),
-      "seq_len": L, "steps": _STEPS.value, "warmup": _WARMUP.value,
+      "seq_len": L, "steps": _STEPS.value, "warmup": _WARMUP.value, "tokens": _TOKENS.value,
   }
   if _COMPARE.value:
     cfg = dataclasses.replace(model_cfg, attention_impl=impls[0], remat=remats[0])
     out["compare_runtime"] = compare_runtime(config, cfg, batch_sizes[0], L, _STEPS.value,
-                                             _WARMUP.value, _TRIALS.value)
+                                             _WARMUP.value, _TRIALS.value, _TOKENS.value)
   else:
     out.update(impls=impls, remats=remats, batch_sizes=batch_sizes,
                max_seconds=_MAX_SECONDS.value)
@@ -290,7 +294,8 @@ def main(argv):
       write_partial(out | {"trials": trials}, _OUT.value)
 
     out.update(sweep(config, model_cfg, impls, remats, batch_sizes, _STEPS.value, _WARMUP.value,
-                     _MAX_SECONDS.value, on_trial=save_partial))
+                     _MAX_SECONDS.value, on_trial=save_partial,
+                     trial=functools.partial(bench_trial, tokens=_TOKENS.value)))
   emit_json(out, _OUT.value)
 
 

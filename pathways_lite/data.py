@@ -18,6 +18,7 @@ row[:, :-1], targets row[:, 1:]), N documents, M workers.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import glob
 import hashlib
@@ -472,3 +473,28 @@ def load_data(data_cfg, *, seed: int = 0, num_workers: int = 1) -> Data:
   for w in range(num_workers):  # every shard must fill a batch: fail now, not mid-run
     data.train_iterator(w)
   return data
+
+
+BENCH_TOKENS = ("corpus", "random")   # what benchmark_batches draws
+
+
+def benchmark_batches(data_cfg, n: int, *, batch_size: int | None = None,
+                      tokens: str = "corpus", seed: int = 0) -> np.ndarray:
+  """n batches for a benchmark's steps, as one host int32 [n, B, L+1] array.
+
+  tokens="corpus": the first n batches of worker 0's training iterator over the config's
+  corpus, so the step sees real token frequencies. A step's speed can depend on them: the
+  embedding's backward adds the rows of frequent tokens into the same table rows (see
+  models/decoder.py), which uniform ids never show. "random": uniform byte ids (0-255).
+  batch_size: B (default data_cfg.batch_size).
+  """
+  if tokens not in BENCH_TOKENS:
+    raise ValueError(f"tokens={tokens!r} is not one of {list(BENCH_TOKENS)}")
+  B = data_cfg.batch_size if batch_size is None else batch_size
+  if tokens == "random":
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, B, data_cfg.seq_len + 1), dtype=np.int32)
+  cfg = copy.deepcopy(data_cfg)
+  cfg.batch_size = B
+  it = load_data(cfg, seed=seed).train_iterator(0)
+  return np.stack([np.asarray(next(it), np.int32) for _ in range(n)])

@@ -176,6 +176,21 @@ def test_load_data_shards_and_validation(source, tmp_path):
   assert d.describe()["shard_tokens"] == [s.num_tokens for s in d.shards]
 
 
+def test_benchmark_batches_are_the_iterators_first_batches(source, tmp_path):
+  cfg = _data_cfg(source, tmp_path)
+  got = data.benchmark_batches(cfg, 3, batch_size=2)
+  it = data.load_data(_data_cfg(source, tmp_path, batch_size=2)).train_iterator(0)
+  assert got.shape == (3, 2, 33) and got.dtype == np.int32
+  for b in got:
+    np.testing.assert_array_equal(b, next(it))
+  assert cfg.batch_size == 4                     # the caller's config is left as it was
+  r = data.benchmark_batches(cfg, 2, tokens="random", seed=1)
+  assert r.shape == (2, 4, 33) and r.min() >= 0 and r.max() < 256
+  np.testing.assert_array_equal(r, data.benchmark_batches(cfg, 2, tokens="random", seed=1))
+  with pytest.raises(ValueError, match=r"tokens='zeros' is not one of \['corpus', 'random'\]"):
+    data.benchmark_batches(cfg, 1, tokens="zeros")
+
+
 def _data_cfg(source, tmp_path, **kw):
   import ml_collections
   c = ml_collections.ConfigDict(dict(sources=(source,), seq_len=32, batch_size=4,

@@ -136,6 +136,30 @@ def test_bf16_compute_close_to_f32():
   assert {x.dtype for x in jax.tree_util.tree_leaves(p16)} == {jnp.dtype(jnp.bfloat16)}
 
 
+@pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
+def test_embedding_gradient_of_a_frequent_token_is_summed_in_f32(param_dtype):
+  # A token repeated at all 8192 positions: its row's gradient is the sum of 8192 cotangents.
+  # Summed in bf16 (a bf16 scatter-add: flax Embed's backward under bf16 compute) the running
+  # sum keeps 8 bits, so it stalls; in f32 it matches the exact sum of the bf16 cotangents.
+  cfg = tiny(compute_dtype="bfloat16", param_dtype=param_dtype)
+  params, _ = init(cfg)
+  tokens = jnp.full((8, 1024), 7, jnp.int32)
+  w = jax.random.uniform(jax.random.key(1), (8, 1024, cfg.d_model), minval=0.5, maxval=1.5)
+
+  def f(p):
+    x = DecoderLM(cfg).apply({"params": p}, tokens, method=DecoderLM.embed_tokens)
+    assert x.dtype == jnp.bfloat16
+    return jnp.sum(x.astype(jnp.float32) * w)
+
+  g = jax.jit(jax.grad(f))(params)["embed"]["embedding"]
+  assert g.dtype == jnp.dtype(param_dtype)
+  exact = np.asarray(w.astype(jnp.bfloat16), np.float64).sum(axis=(0, 1))
+  got = np.asarray(g[7], np.float64)
+  rtol = 1e-5 if param_dtype == "float32" else 8e-3     # the last rounding: to the param dtype
+  np.testing.assert_allclose(got, exact, rtol=rtol)
+  assert np.all(np.delete(np.asarray(g, np.float32), 7, axis=0) == 0)
+
+
 @pytest.mark.parametrize("remat", ["full", "dots"])
 def test_remat_gives_same_grads(remat):
   cfg = tiny(num_layers=2)
