@@ -6,7 +6,7 @@
       --config.model.max_seq_len=2048 --workers=1,2 --inner_steps=100 --outer_steps=3 \
       --out=runs/bench_diloco.json
   # the same with each phase as one lax.scan call (--inner_loop=scan) or as a chain of H
-  # single-step calls (--inner_loop=steps); auto (the default): steps on GPU, scan otherwise
+  # single-step calls (--inner_loop=steps); auto (the default): scan
   # CPU smoke test (8 fake devices, tiny model, H=2)
   XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \
       python launch/bench_diloco.py --config=configs/tiny.py --inner_steps=2 --outer_steps=2
@@ -20,14 +20,14 @@ and the end, for --warmup_outer + --outer_steps outer steps of
 the product path. Throughput is read from the runtime's trace (wall-clock
 spans): tokens of the timed outer steps (M * H * batch * seq_len each) over
 the time from the end of the last warm-up outer update (its compiles done) to
-the end of the last one. Three warm-up outer steps by default: the outer
+the end of the last one. Four warm-up outer steps by default: the outer
 update compiles again at outer step 1 (its inputs at step 0 come from the
 initial transfers, with other shardings than the update's own outputs), and
 the runtime moves a call whose dispatch blocks (on GPU, the inner phase's
 scan) to its island's dispatch thread only after 3 such dispatches it timed
 (pathways_lite/dispatch.py); the first call of a (fn, island) takes the
 runtime's untimed general path, so with --inner_loop=scan outer steps 0-3 may
-run the islands in turn: give it --warmup_outer=4. --inner_loop=steps
+run the islands in turn, hence the default --warmup_outer=4. --inner_loop=steps
 (outer.inner_loop, pathways_lite/outer/inner.py) dispatches each phase as H
 single-step calls that return at once on GPU, so the islands overlap from
 outer step 1 on. Also reported: the inner loop each run used, each worker's
@@ -55,10 +55,10 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKERS = flags.DEFINE_string("workers", "1,2", "Comma-separated worker (island) counts.")
 _INNER = flags.DEFINE_integer("inner_steps", 100, "H: inner steps per outer step.")
 _OUTER = flags.DEFINE_integer("outer_steps", 3, "Timed outer steps per worker count.")
-_WARMUP = flags.DEFINE_integer("warmup_outer", 3, "Untimed outer steps first (>= 1: compiles).")
+_WARMUP = flags.DEFINE_integer("warmup_outer", 4, "Untimed outer steps first (>= 1: compiles).")
 _LOOP = flags.DEFINE_enum("inner_loop", "auto", ["auto", "scan", "steps"],
                           "outer.inner_loop: a phase as one lax.scan call or a chain of H step "
-                          "calls; auto: steps on GPU, scan otherwise.")
+                          "calls; auto: scan.")
 _OUT = flags.DEFINE_string("out", None, "Also write the JSON result to this file.")
 flags.mark_flags_as_required(["config"])
 

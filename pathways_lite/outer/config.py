@@ -37,7 +37,7 @@ class OuterConfig:
   inner_steps: int = 500           # H: inner steps between outer syncs (ddp ignores it)
   inner_optimizer: str = "adamw"   # adamw: train.* hyper-parameters; sgd: plain SGD on train.lr schedule
   # a phase of H inner steps as one lax.scan call, or as a chain of H single-step calls (diloco and
-  # local_sgd); auto: steps on GPU islands of the local runtime, scan otherwise (outer/inner.py says why)
+  # local_sgd, local runtime); auto: scan (outer/inner.py gives the measurements)
   inner_loop: str = "auto"
   optimizer: str = "nesterov"      # outer optimizer: sgd (lr 1 = FedAvg) | sgdm | nesterov | adam
   lr: float = 0.7                  # outer learning rate

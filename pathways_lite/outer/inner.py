@@ -23,19 +23,21 @@ to call (only the chain itself reads those intermediate values).
 
 Why two inner loops (outer.inner_loop):
 - "scan": one jitted `lax.scan` per phase: one dispatch, no Python per step.
-  On CPU and TPU the loop runs on the device, so this is the cheapest form.
-- "steps": on GPU, XLA runs a while loop with host control per iteration (the
-  predicate is read back and the body's kernels are launched each iteration
-  by the dispatching thread): measured on H200/H100 (jax 0.11.2, 125M LM, seq
-  1024, batch 16), a 100-step scan phase took 85 ms/step against 36 ms/step
-  for the same jitted step called from a Python loop, and the controller
-  thread is blocked for the whole loop, so two islands' phases ran one after
-  the other. A chain of single-step calls returns from each dispatch at once
-  (the GPU runs ahead), so the controller enqueues every island's chain and
-  the islands run at once.
-- "auto" (the default): "steps" when the island's devices are GPUs and the
-  runtime is the local one; "scan" otherwise (CPU, TPU; Ray islands, whose
-  actor completes each call before the next, so a chain would sync per step).
+  On GPU, XLA drives the while loop from the dispatching thread, so the call
+  blocks it for the whole phase; the runtime moves such a call to its island's
+  own dispatch thread after 3 timed slow dispatches (pathways_lite/dispatch.py),
+  after which the islands' phases run at once. Measured on 2×H200 (jax 0.11.2,
+  125M LM, 16 x 1024, H=100, launch/results/bench_diloco_125m_scan_2xh200.json):
+  33.9 ms a step, the same as the chain, and two islands at 0.989 of twice one.
+- "steps": a chain of single-step calls, each returning from its dispatch at
+  once (the GPU runs ahead), so the controller enqueues every island's chain
+  without a dispatch thread, and the trace shows every step. Same run: 33.7 ms
+  a step, two islands at 0.967 of twice one. Local runtime only: a Ray island's
+  actor completes each call before the next, so a chain would sync every step.
+- "auto" (the default): "scan". (Earlier measurements that made "steps" the GPU
+  default, 85 vs 36 ms a step, compared a phase on corpus batches with a step
+  on random ids: the step's speed depended on the tokens; models/decoder.py,
+  embed_tokens, says why and how that was fixed.)
 
 Islands of several devices (outer.island_data x outer.island_tensor > 1):
 `Inner.on(island)` is a copy of the run's Inner whose pieces are jitted for
@@ -332,23 +334,18 @@ def make_inner(config, model_cfg: ModelConfig, ocfg: OuterConfig) -> Inner:
 def resolve_inner_loop(loop: str, rt, island: str) -> str:
   """outer.inner_loop ("auto" | "scan" | "steps") -> "scan" or "steps" for `island` of `rt`.
 
-  "auto": "steps" on a GPU island of the local runtime, "scan" otherwise (see the module
-  docstring for the measurements behind it). "steps" on Ray islands raises ValueError: an
-  island actor completes each call before the next, so the chain would sync every step.
+  "auto": "scan" (the module docstring gives the measurements). "steps" on Ray islands raises
+  ValueError: an island actor completes each call before the next, so the chain would sync
+  every step. `island` names the island the loop runs on (kept for the error message).
   """
   if loop not in ("auto",) + INNER_LOOPS:
     raise ValueError(f"config field 'outer.inner_loop'={loop!r} is not allowed; allowed values: "
                      f"{['auto', *INNER_LOOPS]}")
-  local = isinstance(rt, Runtime)
-  if loop == "steps" and not local:
+  if loop == "steps" and not isinstance(rt, Runtime):
     raise ValueError("config field 'outer.inner_loop'='steps' needs runtime.backend='local' "
-                     f"(got a {type(rt).__name__}); allowed here: ['auto', 'scan']")
-  if loop != "auto":
-    return loop
-  if not local:
-    return "scan"
-  devices = rt.island(island).devices
-  return "steps" if devices and devices[0].platform == "gpu" else "scan"
+                     f"(got a {type(rt).__name__} for island {island!r}); allowed here: "
+                     "['auto', 'scan']")
+  return "scan" if loop == "auto" else loop
 
 
 def stack_batches(batches) -> np.ndarray:

@@ -37,26 +37,18 @@ def test_bad_inner_loop_names_the_field(make_config, kw, match):
     check(c)
 
 
-def test_auto_is_steps_on_gpu_islands_only(devices, monkeypatch):
+def test_auto_is_scan_and_steps_needs_the_local_runtime(devices):
   rt = Runtime(make_islands(1, devices=devices[:1]), clock="real")
   name = rt.islands[0].name
   try:
-    assert resolve_inner_loop("auto", rt, name) == "scan"          # CPU
+    assert resolve_inner_loop("auto", rt, name) == "scan"
     assert resolve_inner_loop("steps", rt, name) == "steps"
     assert resolve_inner_loop("scan", rt, name) == "scan"
     with pytest.raises(ValueError, match=r"outer\.inner_loop"):
       resolve_inner_loop("loop", rt, name)
-
-    class Gpu:
-      platform = "gpu"
-
-    class Isl:
-      devices = (Gpu(),)
-
-    monkeypatch.setattr(rt, "island", lambda _: Isl())
-    assert resolve_inner_loop("auto", rt, name) == "steps"
     with pytest.raises(ValueError, match=r"runtime\.backend='local'"):
       resolve_inner_loop("steps", object(), name)
+    assert resolve_inner_loop("auto", object(), name) == "scan"
   finally:
     rt.shutdown()
 
