@@ -31,6 +31,7 @@ train_350m_sweep|1|launch/bench_train.py --config=configs/lm_350m.py --impls=cud
 train_350m|1|launch/bench_train.py --config=configs/lm_350m.py --impls=cudnn,pallas,xla --batch_sizes=16 --remats=none --compare_runtime
 train_1b|1|launch/bench_train.py --config=configs/lm_1b.py --impls=cudnn,pallas,xla --batch_sizes=8 --remats=none,dots
 attention|1|launch/bench_attention.py --budget_s=500
+embedding|1|launch/bench_embedding.py
 inner_step|1|launch/bench_inner_step.py --config=configs/lm_125m.py --inner_steps=30 --driver --profile_dir=@OUT/inner_step_profile
 diloco_steps|2|launch/bench_diloco.py --config=configs/lm_125m.py --workers=1,2 --inner_steps=100 --outer_steps=3 --warmup_outer=3 --inner_loop=steps
 diloco_scan|2|launch/bench_diloco.py --config=configs/lm_125m.py --workers=1,2 --inner_steps=100 --outer_steps=3 --warmup_outer=4 --inner_loop=scan
