@@ -106,8 +106,10 @@ def measure(B: int, L: int, D: int, iters: int, V: int = 259) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if min(_B.value, _L.value, _D.value, _ITERS.value) < 1:
-    raise app.UsageError("--batch, --seq, --d_model and --iters must be >= 1")
+  if min(_B.value, _D.value, _ITERS.value) < 1 or _L.value < 2:
+    raise app.UsageError("--batch, --d_model and --iters must be >= 1 and --seq >= 2 (a corpus "
+                         f"batch of --seq tokens), got {_B.value}, {_D.value}, {_ITERS.value}, "
+                         f"{_L.value}")
   from pathways_lite.metrics import emit_json
   emit_json(measure(_B.value, _L.value, _D.value, _ITERS.value), _OUT.value)
 
