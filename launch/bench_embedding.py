@@ -47,9 +47,10 @@ def token_batches(B: int, L: int) -> dict:
   from pathways_lite import data as data_lib
   cfg = base.get_config().data
   cfg.seq_len = L - 1                         # a corpus batch is [B, seq_len + 1]
-  corpus = data_lib.benchmark_batches(cfg, 1, batch_size=B)[0]
-  return {"random": np.random.default_rng(0).integers(0, 256, (B, L), dtype=np.int32),
-          "corpus": corpus, "one_token": np.full((B, L), 32, np.int32)}
+  one = {t: data_lib.benchmark_batches(cfg, 1, batch_size=B, tokens=t)[0]
+         for t in data_lib.BENCH_TOKENS}
+  return {"random": one["random"], "corpus": one["corpus"],
+          "one_token": np.full((B, L), 32, np.int32)}
 
 
 def embed_fns(V: int, D: int) -> dict:

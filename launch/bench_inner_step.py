@@ -41,10 +41,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from pathways_lite import data as data_lib  # noqa: E402
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Model/train config file.")
 _H = flags.DEFINE_integer("inner_steps", 30, "Inner steps per timed phase.")
 _DRIVER = flags.DEFINE_bool("driver", False, "Also time the DiLoCo driver's phases.")
-_TOKENS = flags.DEFINE_enum("tokens", "corpus", ["corpus", "random"],
+_TOKENS = flags.DEFINE_enum("tokens", "corpus", list(data_lib.BENCH_TOKENS),
                            "The phases' batches: the config's corpus (as the driver trains on) or "
                            "uniform random byte ids.")
 _OUT = flags.DEFINE_string("out", None, "Also write the JSON result to this file.")
@@ -59,7 +61,6 @@ def paths(config, H: int, tokens: str = "corpus") -> tuple[dict, tuple]:
   runtimes they use, for the caller to shut down)."""
   import jax
   from pathways_lite import configuration
-  from pathways_lite import data as data_lib
   from pathways_lite.islands import make_islands
   from pathways_lite.outer.config import OuterConfig
   from pathways_lite.outer.inner import make_inner
