@@ -123,7 +123,9 @@ def run_plain(step, state, batches, n: int):
 def bench_trial(config, cfg, B: int, L: int, steps: int, warmup: int,
                 tokens: str = "corpus") -> dict:
   optimizer = train_lib.make_optimizer(config.train)
-  state = train_lib.init_train_state(cfg, optimizer, config.seed, L)
+  t0 = time.perf_counter()
+  state = jax.block_until_ready(train_lib.init_train_state(cfg, optimizer, config.seed, L))
+  init_s = time.perf_counter() - t0
   step = jax.jit(train_lib.make_train_step(cfg, optimizer), donate_argnums=0)
   batches = list(data_lib.benchmark_batches(config.data, 2, batch_size=B, tokens=tokens))
   t0 = time.perf_counter()
@@ -139,7 +141,7 @@ def bench_trial(config, cfg, B: int, L: int, steps: int, warmup: int,
   return {"tokens_per_s": tps, "step_time_s": dt / steps, "loss": float(metrics["loss"]),
           "mfu": model_utils.mfu(tps, cfg, L, device),
           "mfu_causal": mfu_causal(tps, cfg, L, device),
-          "first_step_s": compile_s}
+          "init_s": init_s, "first_step_s": compile_s}
 
 
 def sweep(config, model_cfg, impls, remats, batch_sizes, steps, warmup, max_seconds,

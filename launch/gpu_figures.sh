@@ -26,8 +26,10 @@ FIGURES='
 checkpoint|1|launch/bench_checkpoint.py --config=configs/lm_125m.py --steps=300 --every=50 --repeats=2
 runtime|1|launch/bench_runtime.py --trace_dir=@OUT/runtime_trace
 train_125m|1|launch/bench_train.py --config=configs/lm_125m.py --impls=xla,cudnn,pallas
-train_125m_2048|1|launch/bench_train.py --config=configs/lm_125m.py --config.data.seq_len=2048 --config.model.max_seq_len=2048 --impls=cudnn,pallas,xla --batch_sizes=8,16 --remats=none,dots --steps=6 --warmup=2 --max_seconds=470
-train_350m_sweep|1|launch/bench_train.py --config=configs/lm_350m.py --impls=cudnn,pallas,xla --batch_sizes=8,16,32 --remats=none,dots --steps=5 --warmup=2 --max_seconds=470
+train_125m_2048|1|launch/bench_train.py --config=configs/lm_125m.py --config.data.seq_len=2048 --config.model.max_seq_len=2048 --impls=cudnn,xla --batch_sizes=8,16,32 --remats=none,dots --steps=6 --warmup=2 --max_seconds=470
+train_125m_2048_pallas|1|launch/bench_train.py --config=configs/lm_125m.py --config.data.seq_len=2048 --config.model.max_seq_len=2048 --impls=pallas --batch_sizes=32 --remats=none --steps=6 --warmup=2
+train_350m_sweep|1|launch/bench_train.py --config=configs/lm_350m.py --impls=cudnn,xla --batch_sizes=8,16,32 --remats=none,dots --steps=5 --warmup=2 --max_seconds=470
+train_350m_pallas|1|launch/bench_train.py --config=configs/lm_350m.py --impls=pallas --batch_sizes=32 --remats=none --steps=5 --warmup=2
 train_350m|1|launch/bench_train.py --config=configs/lm_350m.py --impls=cudnn,pallas,xla --batch_sizes=16 --remats=none --compare_runtime
 train_1b|1|launch/bench_train.py --config=configs/lm_1b.py --impls=cudnn,pallas,xla --batch_sizes=8 --remats=none,dots
 attention|1|launch/bench_attention.py --budget_s=500
