@@ -91,8 +91,8 @@ def threefry_kernel_lowering():
   """Lowers threefry to jaxlib's GPU kernel inside the block (this thread only).
 
   Each param's normal init is otherwise its own compiled threefry fusion: on an H100 the
-  350M init took 94 s to compile, against 8-11 s with the kernel, which gives the same
-  bits (launch/results/init_threefry_h100/). No effect off GPU. The flag is jax's
+  350M init took 94 s, against 8-11 s with the kernel (which gives the same
+  bits; launch/results/init_threefry_h100/). No effect off GPU. The flag is jax's
   jax_threefry_gpu_kernel_lowering; its thread-local context manager is not public API,
   so a jax without it falls back to the plain lowering.
   """
