@@ -7,9 +7,13 @@ import struct
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
+import optax
 import pytest
 
+from models.config import ModelConfig
+from models.decoder import DecoderLM
 from pathways_lite import train as train_lib
 from pathways_lite.metrics import read_metrics
 from tests.data.small_corpus import make_small_corpus
@@ -119,10 +123,7 @@ def test_launch_train_writes_all_outputs(source, cache_dir, tmp_path):
 
 def test_init_compiles_threefry_as_the_gpu_kernel_and_restores_the_flag(monkeypatch):
   """init_train_state traces the model's init with jax_threefry_gpu_kernel_lowering on (a
-  94 s -> 8-11 s compile at 350M on an H100, same bits), and only inside its own call."""
-  import jax
-  from models.config import ModelConfig
-  from models.decoder import DecoderLM
+  94 s -> 8-11 s init at 350M on an H100, same bits), and only inside its own call."""
   seen, real_init = [], DecoderLM.init
 
   def spy(self, *args, **kwargs):
@@ -132,7 +133,6 @@ def test_init_compiles_threefry_as_the_gpu_kernel_and_restores_the_flag(monkeypa
   monkeypatch.setattr(DecoderLM, "init", spy)
   cfg = ModelConfig(vocab_size=32, d_model=16, num_layers=1, num_heads=2, num_kv_heads=2,
                     d_ff=32, max_seq_len=8)
-  import optax
   state = train_lib.init_train_state(cfg, optax.adam(1e-3), seed=0, seq_len=8)
   assert seen == [True]
   assert not jax.config.jax_threefry_gpu_kernel_lowering
